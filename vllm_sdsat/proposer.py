@@ -1,0 +1,76 @@
+"""SDSAT proposer: the target model drafts its own next K tokens with adaptive tokens.
+
+After each verification step, for every request whose last sampled token is t0 at position n, the
+target model runs once on `[t0, A_1, ..., A_{K-1}]` at positions n..n+K-1:
+- the output at t0 is the exact next-token distribution, so draft 1 is always what the target says;
+- the output at A_j is the fine-tuned adaptive slot's guess for the token j+1 steps ahead.
+Greedy requests take argmaxes. Sampled requests sample every draft from the processed
+(temperature/top-k/top-p) distribution q and hand q to vLLM's rejection sampler, which accepts with
+min(1, p/q), so the output follows the target distribution exactly.
+
+Cost: one extra target forward of K tokens per request per step, no draft model, no draft KV cache.
+The KV it writes lands in the request's own lookahead slots and is overwritten by the next
+verification before anything reads it (see `patches/lookahead_slots.py`).
+"""
+import dataclasses
+
+import torch
+from vllm.config import VllmConfig
+from vllm.v1.sample.metadata import SamplingMetadata
+from vllm.v1.sample.rejection_sampler import apply_sampling_constraints
+
+from vllm_sdsat.config import SdsatConfig
+
+
+class SdsatProposer:
+    def __init__(self, vllm_config: VllmConfig):
+        spec = vllm_config.speculative_config
+        block = getattr(vllm_config.model_config.hf_config, "sdsat", None)
+        self.config = SdsatConfig.from_dict(block).with_overrides(num_speculative_tokens=spec.num_speculative_tokens)
+        self.k = self.config.num_speculative_tokens
+        self.adaptive_ids = torch.tensor(self.config.adaptive_ids(self.k - 1), dtype=torch.long)
+
+    def load_model(self, target_model) -> None:
+        """vLLM offers the target model here; SDSAT drafts with it through the runner, loading nothing."""
+
+    def propose(self, *args, **kwargs):
+        raise RuntimeError("SdsatProposer.propose called without the vllm-sdsat runner hook; "
+                           "is the vllm_sdsat plugin loaded in this process (VLLM_PLUGINS)?")
+
+    def propose_from_target(self, target, sampled_token_ids: list[list[int]], sampling: SamplingMetadata,
+                            num_reqs: int) -> tuple[list[list[int]], torch.Tensor | None]:
+        """Drafts per batch row ([] where nothing was sampled), and their probabilities
+        [num_reqs, K, vocab] when any request samples (None when all are greedy)."""
+        rows, t0, start = target.fresh_tokens(sampled_token_ids)
+        drafts: list[list[int]] = [[] for _ in range(num_reqs)]
+        if not rows:
+            return drafts, None
+        n = len(rows)
+        input_ids = torch.cat([torch.tensor(t0, dtype=torch.long)[:, None],
+                               self.adaptive_ids.expand(n, -1)], dim=1)
+        positions = torch.as_tensor(start, dtype=torch.long)[:, None] + torch.arange(self.k)
+        logits = target.forward(rows, input_ids, positions).float()  # [n*K, vocab]
+        tokens, q = self._sample(logits, sampling, rows)
+        for row, toks in zip(rows, tokens.view(n, self.k).tolist()):
+            drafts[row] = toks
+        if q is None:
+            return drafts, None
+        probs = q.new_zeros(num_reqs, self.k, q.shape[-1])
+        probs[torch.as_tensor(rows, device=q.device)] = q.view(n, self.k, -1)
+        return drafts, probs
+
+    def _sample(self, logits: torch.Tensor, sampling: SamplingMetadata, rows: list[int]):
+        if sampling.all_greedy:
+            return logits.argmax(-1), None
+        rows_t = torch.as_tensor(rows, device=logits.device)
+        per_row = lambda t: None if t is None else t[rows_t]  # noqa: E731
+        # The same temperature/top-k/top-p processing the rejection sampler applies to the target.
+        row_sampling = dataclasses.replace(sampling, temperature=per_row(sampling.temperature),
+                                           top_p=per_row(sampling.top_p), top_k=per_row(sampling.top_k))
+        cu = torch.arange(1, len(rows) + 1, device=logits.device) * self.k
+        q = apply_sampling_constraints(logits.clone(), cu, row_sampling).softmax(-1)
+        noise = torch.empty_like(q).exponential_()
+        tokens = (q / noise).argmax(-1)  # a sample from q
+        greedy = (row_sampling.temperature < 1e-5).repeat_interleave(self.k)
+        tokens = torch.where(greedy, logits.argmax(-1), tokens)
+        return tokens, q

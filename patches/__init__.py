@@ -21,7 +21,8 @@ def check_vllm_version() -> None:
 
 def apply_all() -> None:
     check_vllm_version()
-    from vllm_sdsat.patches import cli_flags, draft_pass, lookahead_slots, speculative_config
+    from vllm_sdsat.patches import (cli_flags, cpu_expand_tokens, draft_pass, empty_top_k, lookahead_slots,
+                                    speculative_config)
 
-    for hook in (speculative_config, cli_flags, lookahead_slots, draft_pass):
+    for hook in (speculative_config, cli_flags, lookahead_slots, draft_pass, empty_top_k, cpu_expand_tokens):
         hook.apply()

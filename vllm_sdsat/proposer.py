@@ -12,14 +12,14 @@ Cost: one extra target forward of K tokens per request per step, no draft model,
 The KV it writes lands in the request's own lookahead slots and is overwritten by the next
 verification before anything reads it (see `patches/lookahead_slots.py`).
 """
-import dataclasses
-
 import torch
 from vllm.config import VllmConfig
 from vllm.v1.sample.metadata import SamplingMetadata
-from vllm.v1.sample.rejection_sampler import apply_sampling_constraints
+from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 
 from vllm_sdsat.config import SdsatConfig
+
+_SAMPLING_EPS = 1e-5  # vLLM's threshold below which a temperature means greedy
 
 
 class SdsatProposer:
@@ -63,14 +63,11 @@ class SdsatProposer:
         if sampling.all_greedy:
             return logits.argmax(-1), None
         rows_t = torch.as_tensor(rows, device=logits.device)
-        per_row = lambda t: None if t is None else t[rows_t]  # noqa: E731
-        # The same temperature/top-k/top-p processing the rejection sampler applies to the target.
-        row_sampling = dataclasses.replace(sampling, temperature=per_row(sampling.temperature),
-                                           top_p=per_row(sampling.top_p), top_k=per_row(sampling.top_k))
-        cu = torch.arange(1, len(rows) + 1, device=logits.device) * self.k
-        q = apply_sampling_constraints(logits.clone(), cu, row_sampling).softmax(-1)
-        noise = torch.empty_like(q).exponential_()
-        tokens = (q / noise).argmax(-1)  # a sample from q
-        greedy = (row_sampling.temperature < 1e-5).repeat_interleave(self.k)
-        tokens = torch.where(greedy, logits.argmax(-1), tokens)
-        return tokens, q
+        per_slot = lambda t: None if t is None else t[rows_t].repeat_interleave(self.k)  # noqa: E731
+        temperature = per_slot(sampling.temperature)
+        greedy = temperature < _SAMPLING_EPS
+        # The temperature/top-k/top-p processing the rejection sampler applies to the target logits.
+        processed = logits / torch.where(greedy, 1.0, temperature).unsqueeze(-1)
+        q = apply_top_k_top_p(processed, per_slot(sampling.top_k), per_slot(sampling.top_p)).softmax(-1)
+        sampled = (q / torch.empty_like(q).exponential_()).argmax(-1)  # one draw from q
+        return torch.where(greedy, logits.argmax(-1), sampled), q

@@ -104,3 +104,17 @@ class SdsatConfig:
         hf = json.loads(cfg_file.read_text())
         hf["sdsat"] = self.to_dict()
         cfg_file.write_text(json.dumps(hf, indent=2) + "\n")
+
+
+def load_preset(path: str | Path) -> tuple[str, dict]:
+    """(model, speculative_config) from a YAML preset in configs/: the preset's `sdsat` keys are
+    folded into the speculative config, where they override the checkpoint's block. Reads no model."""
+    import yaml
+
+    preset = yaml.safe_load(Path(path).read_text())
+    spec = dict(preset.get("speculative_config") or {})
+    spec.update(preset.get("sdsat") or {})
+    if spec.get("method") != "sdsat":
+        raise SdsatConfigError(f"sdsat: preset {path} has no speculative_config with method 'sdsat'")
+    SdsatConfig.from_dict({k: v for k, v in spec.items() if k != "method"})  # validates the values
+    return preset["model"], spec

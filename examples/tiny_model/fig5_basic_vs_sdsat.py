@@ -1,13 +1,14 @@
 """The paper's "basic vs ours" comparison on the tiny model: does training adaptive tokens hurt the
 standard tokens?
 
-Both runs fine-tune examples/models/tiny-code with the same data, steps, seed, spans and data labels
-(basic cannot self-distill); only the layout differs:
-- basic: adaptive tokens replace real tokens in place, so later real tokens see them;
-- sdsat: spans appended under the 4D mask, so real tokens never see them.
+All runs fine-tune examples/models/tiny-code with the same data, steps, seed and spans:
+- basic: adaptive tokens replace real tokens in place, so later real tokens see them (data labels);
+- sdsat: spans appended under the 4D mask, so real tokens never see them (data labels);
+- sdsat-self: the sdsat layout with self-distilled labels (the base model's own greedy continuation),
+  which compares the two label sources at equal steps.
 Plotted: loss_real (the real tokens' training loss, in each run's own layout) and, every --eval-every
 steps, the standard-token loss of clean held-out code. Also records vllm_sdsat.evaluate at the end.
-Writes OUT/fig5_basic_vs_sdsat.png and .json. Cost: two training runs of --max-steps steps.
+Writes OUT/fig5_basic_vs_sdsat.png and .json. Cost: three training runs of --max-steps steps.
 
     .venv/bin/python examples/tiny_model/fig5_basic_vs_sdsat.py --max-steps 300
 """
@@ -31,7 +32,7 @@ from finetune import heldout_sequences, write_train_jsonl  # noqa: E402
 from vllm_sdsat import train  # noqa: E402
 from vllm_sdsat.evaluate import evaluate, standard_loss  # noqa: E402
 
-METHODS = ("basic", "sdsat")
+RUNS = {"basic": ("basic", "data"), "sdsat": ("sdsat", "data"), "sdsat-self": ("sdsat", "self")}
 
 
 class HeldOutLoss(TrainerCallback):
@@ -75,9 +76,9 @@ def main():
     results = {"settings": vars(args), "runs": {}}
     sequences = None
     ids = [str(i) for i in range(2, 2 + args.max_adaptive)]
-    for method in METHODS:
-        argv = ["--model", args.base, "--data", str(write_train_jsonl()), "--method", method,
-                "--output", str(build.WORK / f"fig5-{method}"), "--adaptive-token-ids", *ids,
+    for name, (method, labels) in RUNS.items():
+        argv = ["--model", args.base, "--data", str(write_train_jsonl()), "--method", method, "--labels", labels,
+                "--output", str(build.WORK / f"fig5-{name}"), "--adaptive-token-ids", *ids,
                 "--max-adaptive", str(args.max_adaptive), "--spans-per-seq", str(args.spans_per_seq),
                 "--seq-len", str(args.seq_len), "--max-steps", str(args.max_steps), "--lr", str(args.lr),
                 "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--bf16",
@@ -89,21 +90,21 @@ def main():
         trainer.add_callback(heldout)
         trainer.train()
         trainer.model.eval()
-        results["runs"][method] = {
+        results["runs"][name] = {
             "train": [{k: e[k] for k in ("step", "loss_real", "loss_adaptive")}
                       for e in trainer.state.log_history if "loss_real" in e],
             "heldout": heldout.points,
             "final_eval": evaluate(trainer.model, sequences, sdsat, seed=args.seed),
         }
-        print(method, json.dumps(results["runs"][method]["final_eval"]))
+        print(name, json.dumps(results["runs"][name]["final_eval"]))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, color in zip(METHODS, ("tab:red", "tab:blue")):
-        run = results["runs"][method]
+    for name, color in zip(RUNS, ("tab:red", "tab:blue", "tab:green")):
+        run = results["runs"][name]
         ax.plot([e["step"] for e in run["train"]], [e["loss_real"] for e in run["train"]], color=color, alpha=0.35,
-                label=f"{method}: training loss of real tokens")
+                label=f"{name}: training loss of real tokens")
         ax.plot([p["step"] for p in run["heldout"]], [p["heldout_loss"] for p in run["heldout"]], "o-", color=color,
-                label=f"{method}: held-out standard-token loss")
+                label=f"{name}: held-out standard-token loss")
     ax.set_xlabel("fine-tuning step")
     ax.set_ylabel("cross-entropy (nats)")
     ax.set_title("Standard tokens while training adaptive tokens: basic vs SDSAT (tiny-code)")

@@ -74,7 +74,10 @@ def main():
             "--cache-dir", str(build.WORK / "cache"), "--seed", str(args.seed),
             *([] if args.no_bf16 else ["--bf16"]), *trainer_extra]
     print("vllm-sdsat train " + " ".join(argv), file=sys.stderr)
-    out = train.run(train.parse_args(argv))
+    train_args = train.parse_args(argv)
+    out = train.run(train_args)
+    record = vars(args) | {"adaptive_weight": train_args.adaptive_weight, "command": " ".join(sys.argv[1:])}
+    (Path(out) / "train_args.json").write_text(json.dumps(record, indent=1) + "\n")
 
     tokenizer = AutoTokenizer.from_pretrained(out)
     sequences = heldout_sequences(tokenizer, args.eval_sequences, args.seq_len)

@@ -102,7 +102,7 @@ def test_build_specs_all_methods(model, tmp_path, monkeypatch):
     assert by["none"] is None
     assert by["sdsat K=3"] == {"method": "sdsat", "num_speculative_tokens": 3}
     assert by["ngram K=4"] == {"method": "ngram", "num_speculative_tokens": 4, **bench.NGRAM_LOOKUP}
-    assert by["suffix"] == {"method": "suffix"}
+    assert by["suffix"] == {"method": "suffix", "suffix_decoding_max_cached_requests": 0}  # prompt trees only
     assert by["draft_model K=4"] == {"method": "draft_model", "model": str(drafter), "num_speculative_tokens": 4}
     pard = by["pard K=4"]
     assert pard["method"] == "draft_model" and pard["parallel_drafting"] is True and pard["num_speculative_tokens"] == 4
@@ -137,6 +137,13 @@ def test_pard_token_from_adaptive_ids_or_option(tmp_path):
     # no block: L = len(ids) = 1, so K = 2
     assert specs[0].speculative_config == {"method": "sdsat", "num_speculative_tokens": 2, "adaptive_token_ids": [5]}
     assert specs[1].notes["pard_token"] == 5
+
+
+def test_suffix_global_cache_option(model, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "suffix_status", lambda cache_dir: (True, "test"))
+    opts = bench.resolve_options(parse("--model", str(model), "--methods", "suffix", "--suffix-global-cache"))
+    specs, _ = bench.plan(opts)
+    assert [(s.label, s.speculative_config) for s in specs] == [("suffix (global cache)", {"method": "suffix"})]
 
 
 def test_suffix_skipped_with_reason(model, tmp_path, monkeypatch):
@@ -243,7 +250,7 @@ def test_markdown_table():
     ngram_row = next(line for line in lines if line.startswith("| ngram K=4"))
     assert "1.50x [1.50-1.50]" in ngram_row and ngram_row.count("|") == 11  # no identity column at T=1
     assert "- `suffix`: arctic_inference missing" in md
-    assert "| `base` | plain | 164 | 1 | 0.006 |" in md
+    assert "| `base` | plain | 164 | 1 | 0.006 | - |" in md
 
 
 def test_json_to_table_and_plots(tmp_path, capsys, no_engine):

@@ -191,7 +191,8 @@ def build_suffix_decoding(cache_dir: Path = CACHE_DIR, version: str = "0.1.1") -
 
 def build_specs(methods: list[str], model: str, ks: list[int] | None = None, baseline_ks: list[int] | None = None,
                 drafter: str | None = None, adaptive_token_ids: list[int] | None = None,
-                pard_token: int | None = None, cache_dir: Path = CACHE_DIR) -> tuple[list[EngineSpec], dict]:
+                pard_token: int | None = None, cache_dir: Path = CACHE_DIR,
+                suffix_global_cache: bool = False) -> tuple[list[EngineSpec], dict]:
     """Engine specs for the run, in order (none first), and {method: reason} for methods skipped.
 
     Raises SdsatConfigError / ValueError / FileNotFoundError for bad input; starts no engine.
@@ -228,7 +229,12 @@ def build_specs(methods: list[str], model: str, ks: list[int] | None = None, bas
         elif method == "suffix":
             ok, how = suffix_status(cache_dir)
             if ok:  # K is dynamic per step, up to the tree depth (vLLM's default 24)
-                specs.append(EngineSpec("suffix", None, {"method": "suffix"}, notes={"arctic_inference": how}))
+                # By default only per-prompt trees: the global tree caches past responses, and this benchmark
+                # re-runs the same prompts (warm-up, repeats, every batch size), which it would then replay.
+                spec = {"method": "suffix"} if suffix_global_cache else {
+                    "method": "suffix", "suffix_decoding_max_cached_requests": 0}
+                specs.append(EngineSpec("suffix", None, spec, label="suffix (global cache)" if suffix_global_cache
+                                        else "suffix", notes={"arctic_inference": how}))
             else:
                 skipped["suffix"] = how
         elif method == "draft_model":
@@ -373,6 +379,9 @@ def run_bench(opts: argparse.Namespace, specs: list[EngineSpec], skipped: dict) 
                 "peak_rss_mib": engine_peak_rss_mib(), "kv_capacity_tokens": engine["kv_capacity_tokens"]})
         engine["peak_rss_mib"] = engine_peak_rss_mib()
         results["engines"][spec.label] = engine
+        if getattr(opts, "partial_json", None):  # so an interrupted run keeps the engines it finished
+            Path(opts.partial_json).parent.mkdir(parents=True, exist_ok=True)
+            Path(opts.partial_json).write_text(json.dumps(results, indent=1) + "\n")
         bar.set_postfix_str(f"{spec.label}: stopping engine")
         shutdown(llm)
         del llm
@@ -466,11 +475,15 @@ def write_markdown(results: dict) -> str:
     acc = results.get("accuracy")
     if acc:
         out.append("\n### HumanEval pass@1 (greedy)\n")
-        out.append("| model | decoding | problems | passed | pass@1 |")
-        out.append("|---|---|---|---|---|")
+        if acc.get("harness"):
+            out.append(f"Harness: {acc['harness']}.\n")
+        out.append("| model | decoding | problems | passed | pass@1 | completions = plain decoding |")
+        out.append("|---|---|---|---|---|---|")
         for row in acc.get("models", []):
-            out.append(f"| `{row['model']}` | {row['decoding']} | {row['problems']} | {row['passed']} | "
-                       f"{row['pass_at_1']:.3f} |")
+            same = row.get("identical_to_plain")
+            same = "-" if same is None else f"{same}/{row['problems']}"
+            out.append(f"| `{Path(row['model']).name}` | {row['decoding']} | {row['problems']} | {row['passed']} | "
+                       f"{row['pass_at_1']:.3f} | {same} |")
     return "\n".join(out) + "\n"
 
 
@@ -491,7 +504,7 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
         return r["k"]
 
     # Fig. 3 style: acceptance (overall rate and mean accepted length) vs K, smallest batch, per temperature.
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.2))
     for ti, t in enumerate(temps):
         rows = [r for r in runs if r["temperature"] == t and r["batch_size"] == b0 and r.get("spec")]
         style = ["-", "--", ":", "-."][ti % 4]
@@ -500,7 +513,7 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
                 for ax, key in zip(axes, ("acceptance_rate", "mean_accepted_length")):
                     if r["spec"][key] is not None:
                         ax.axhline(r["spec"][key], color=colors[m], ls=style, lw=1,
-                                   label=f"{m} T={t} (K dynamic)")
+                                   label=f"{r['label']} T={t} (K dynamic)")
             pts = sorted((k_of(r), r["spec"]) for r in rows if r["method"] == m and k_of(r))
             if not pts:
                 continue
@@ -510,14 +523,15 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
                 if m == "sdsat":
                     ax.plot(ks, ys, style, marker="o", color=colors[m], label=f"{m} T={t}")
                 else:
-                    ax.scatter(ks, ys, marker=markers.get(m, "x"), color=colors[m], label=f"{m} T={t}")
+                    ax.scatter(ks, ys, marker=markers.get(m, "x"), color=colors[m], alpha=[1, 0.6, 0.35][ti % 3],
+                               label=f"{m} T={t}")
     axes[0].set(xlabel="K (draft tokens per step)", ylabel="acceptance rate (accepted / drafted)",
                 title=f"Acceptance rate vs K (batch {b0})")
     axes[1].set(xlabel="K (draft tokens per step)", ylabel="mean accepted length (tokens per step)",
                 title=f"Mean accepted length vs K (batch {b0})")
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.tight_layout()
     files.append(out_dir / f"{PREFIX}acceptance_vs_k.png")
     fig.savefig(files[-1], dpi=120)
@@ -533,7 +547,7 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
             ax.axhline(none["tok_s"]["median"], color="k", ls="--", lw=1, label="none")
         for m in METHODS[1:]:
             for r in (r for r in rows if r["method"] == m and k_of(r) is None):
-                ax.axhline(r["tok_s"]["median"], color=colors[m], lw=1, label=f"{m} (K dynamic)")
+                ax.axhline(r["tok_s"]["median"], color=colors[m], lw=1, label=f"{r['label']} (K dynamic)")
             pts = sorted((k_of(r), r["tok_s"]) for r in rows if r["method"] == m and k_of(r))
             if not pts:
                 continue
@@ -641,6 +655,9 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
                                                         "none/sdsat/ngram, 128 tokens, 1 repeat")
     p.add_argument("--build-suffix", action="store_true",
                    help=f"build Arctic Inference's suffix tree (for `suffix`) into {CACHE_DIR / SUFFIX_DIR_NAME}")
+    p.add_argument("--suffix-global-cache", action="store_true",
+                   help="let suffix decoding cache past responses across requests (vLLM's default). Off by default: "
+                        "this benchmark re-runs identical prompts, which the global tree would replay")
     p.add_argument("--accuracy", action="store_true", help="also run HumanEval pass@1 (greedy) for base vs SDSAT")
     p.add_argument("--accuracy-only", action="store_true", help="only the HumanEval pass@1 harness")
     p.add_argument("--base-model", default=str(BASE_MODEL), help="base model for --accuracy")
@@ -692,7 +709,7 @@ def plan(opts: argparse.Namespace) -> tuple[list[EngineSpec], dict]:
                                                             if opts.adaptive_token_ids else {}))
             ks = [cfg.num_speculative_tokens]
     return build_specs(opts.methods, opts.model, ks, opts.baseline_k, opts.drafter, opts.adaptive_token_ids,
-                       opts.pard_token)
+                       opts.pard_token, suffix_global_cache=getattr(opts, "suffix_global_cache", False))
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -700,6 +717,7 @@ def run_cli(args: argparse.Namespace) -> int:
     try:
         if args.from_json:
             results = json.loads(Path(args.from_json).read_text())
+            add_speedups(results.get("runs", []))  # a partial file has none yet
             for f in write_outputs(results, out_dir):
                 print(f)
             return 0
@@ -718,6 +736,7 @@ def run_cli(args: argparse.Namespace) -> int:
         os.environ.setdefault(key, value)
     for method, why in skipped.items():
         print(f"vllm-sdsat bench: skipping {method}: {why}", file=sys.stderr)
+    opts.partial_json = out_dir / f"{PREFIX}results.partial.json"
     results = run_bench(opts, specs, skipped) if specs else {"meta": run_meta(opts, specs, opts.prompts), "runs": []}
     if args.accuracy or args.accuracy_only:
         from vllm_sdsat.humaneval_eval import pass_at_1_report
@@ -725,6 +744,7 @@ def run_cli(args: argparse.Namespace) -> int:
                                                max_tokens=opts.max_tokens, dtype=opts.dtype,
                                                max_model_len=opts.max_model_len)
     files = write_outputs(results, out_dir)
+    opts.partial_json.unlink(missing_ok=True)
     print(write_markdown(results))
     print("wrote " + ", ".join(str(f) for f in files))
     return 0

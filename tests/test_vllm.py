@@ -80,6 +80,30 @@ def test_greedy_output_equals_no_speculation(plain_greedy, k):
     assert capacity == plain_kv, "SDSAT must not take KV capacity for a draft cache"
 
 
+def counter(llm, name: str) -> float:
+    return sum(m.value for m in llm.get_metrics() if m.name == name)
+
+
+def test_preemption_chunked_prefill_and_prefix_cache(plain_greedy):
+    """Continuous batching under pressure. A KV cache of 12 blocks (1,536 tokens) cannot hold 20
+    requests growing to 256 new tokens, so the scheduler preempts and later recomputes them; a
+    64-token budget splits every prefill into chunks; four prompts of 132-152 tokens are sent twice
+    in a row, so the second copy finds the first copy's full 128-token block in the prefix cache.
+    The outputs stay those of decoding without speculation."""
+    expected = plain_greedy[0]
+    order = [0, 0, 1, 1, 3, 3, 4, 4, 2, *range(5, 16)]
+    llm = make_llm({"method": "sdsat", "num_speculative_tokens": 4}, num_gpu_blocks_override=12,
+                   max_num_batched_tokens=64, max_num_seqs=16, enable_prefix_caching=True, max_model_len=1024)
+    outs = llm.generate([PROMPTS[i] for i in order], SamplingParams(max_tokens=256, temperature=0), use_tqdm=False)
+    preemptions, prefix_hits = counter(llm, "vllm:num_preemptions"), counter(llm, "vllm:prefix_cache_hits")
+    del llm
+    gc.collect()
+    assert preemptions > 0, "the test setup no longer forces preemption"
+    assert prefix_hits > 0, "the test setup no longer hits the prefix cache"
+    mismatched = [i for i, o in zip(order, outs) if list(o.outputs[0].token_ids) != list(expected[i])]
+    assert not mismatched, f"prompts {mismatched} differ from decoding without speculation"
+
+
 def test_weights_loaded_once(plain_greedy):
     """The drafter holds no module of its own, and the runner holds exactly the weights it holds
     without speculation: one copy."""

@@ -187,6 +187,16 @@ def test_bad_config_fails_at_startup(spec, message):
         make_llm(spec, model=BASE_MODEL)
 
 
+def test_sdsat_selects_the_v1_model_runner():
+    """On GPU vLLM 0.32 runs its V2 model runner unless the config lists a feature V2 lacks; SDSAT's
+    draft pass hooks the V1 runner, so its resolved config must be on that list (CPU is always V1)."""
+    from vllm.engine.arg_utils import EngineArgs
+    config = EngineArgs(model=SDSAT_MODEL, speculative_config={"method": "sdsat"}, max_model_len=512,
+                        dtype="float32").create_engine_config()
+    assert config.speculative_config.num_speculative_tokens == 5  # the checkpoint's default K
+    assert "speculative method 'custom_class'" in config._get_v2_model_runner_unsupported_features()
+
+
 def test_pipeline_parallel_is_refused():
     with pytest.raises(SdsatConfigError, match="pipeline parallelism"):
         make_llm({"method": "sdsat"}, pipeline_parallel_size=2)

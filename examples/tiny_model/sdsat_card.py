@@ -8,6 +8,7 @@ every K. Training figures come from finetune.py's eval.json and the trainer's tr
 """
 import json
 import sys
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -36,13 +37,17 @@ def in_loop_tokens_per_loop(model, cfg, prompts, new_tokens=128):
     return result
 
 
+def heldout_prompts(tokenizer, n_prompts=16, prompt_len=128) -> list[list[int]]:
+    """The card's prompts: fixed windows of held-out stdlib files."""
+    heldout = build.encode_corpus(tokenizer, build.source_files())["heldout"]
+    return [w.tolist() for w in build.windows(heldout, n_prompts, prompt_len, torch.Generator().manual_seed(7))]
+
+
 def main(n_prompts=16, prompt_len=128):
     cfg = SdsatConfig.from_pretrained(MODEL)
     model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(MODEL)
-    heldout = build.encode_corpus(tokenizer, build.source_files())["heldout"]
-    windows = build.windows(heldout, n_prompts, prompt_len, torch.Generator().manual_seed(7))
-    loop = in_loop_tokens_per_loop(model, cfg, [w.tolist() for w in windows])
+    loop = in_loop_tokens_per_loop(model, cfg, heldout_prompts(AutoTokenizer.from_pretrained(MODEL), n_prompts,
+                                                               prompt_len))
     (MODEL / "in_loop.json").write_text(json.dumps(loop, indent=1) + "\n")
     write_card(cfg, loop, n_prompts, prompt_len)
 
@@ -102,9 +107,39 @@ tokens. Acceptance per position is over the adaptive drafts.
 
 Default K = {cfg.num_speculative_tokens}. Reproduce: `.venv/bin/python examples/tiny_model/finetune.py
 {args['command']}` then `.venv/bin/python examples/tiny_model/sdsat_card.py`.
-"""
+""" + label_section()
     (MODEL / "README.md").write_text(text)
     print(text)
+
+
+def label_section() -> str:
+    """The self-distilled vs data labels comparison (compare_labels.py), when it has been run."""
+    path = Path(__file__).resolve().parent / "results" / "labels_self_vs_data.json"
+    if not path.exists():
+        return ""
+    runs = json.loads(path.read_text())
+    ks = list(runs["self"]["tokens_per_loop"])
+    k = str(SdsatConfig.from_pretrained(MODEL).num_speculative_tokens)
+    best, other = sorted(runs, key=lambda name: -runs[name]["tokens_per_loop"][k])
+    lowest = min(runs, key=lambda name: runs[name]["standard_loss"])
+    rows = "\n".join(f"| {name} | {r['standard_loss']:.4f} | {', '.join(f'{v:.2f}' for v in r['slot_top1_greedy'][:4])} | "
+                     + " | ".join(f"{r['tokens_per_loop'][k]:.2f}" for k in ks) + " |" for name, r in runs.items())
+    return f"""
+## Label source: self-distilled vs data
+
+The same fine-tuning (steps, batch, spans, seed) with the adaptive slots labelled by the data
+instead of the base model's own continuation (`examples/tiny_model/compare_labels.py`, raw numbers in
+`examples/tiny_model/results/labels_self_vs_data.json`). Slot top-1 is against the model's own greedy
+continuation, slots 1-4; tokens per loop as above.
+
+| labels | held-out standard loss | slot top-1 (own output) | {' | '.join(f'K={k}' for k in ks)} |
+|---|---|---|{'---|' * len(ks)}
+{rows}
+
+At the default K = {k}, {best} labels give more tokens per loop ({runs[best]['tokens_per_loop'][k]:.2f} vs
+{runs[other]['tokens_per_loop'][k]:.2f}); {lowest} labels give the lower held-out standard-token loss
+(the base model's is {runs['self']['base_standard_loss']:.4f}).
+"""
 
 
 if __name__ == "__main__":

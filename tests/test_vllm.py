@@ -115,20 +115,20 @@ def test_weights_loaded_once(plain_greedy):
     assert weights == plain_greedy[2]
 
 
+# A docstring opener: the model is unsure what comes next, and its adaptive slots often draft tokens
+# the target finds unlikely, which is where a wrong acceptance rule shows.
 DOCSTRING_PROMPT = 'def parse_config(path):\n    """'
 TOP_K = SamplingParams(max_tokens=5, temperature=1.0, top_k=20, ignore_eos=True)
 TOP_P = SamplingParams(max_tokens=5, temperature=0.8, top_p=0.9, ignore_eos=True)
 
 
 def sample_counts(spec, seed, n=2000, env=None, params=TOP_K, greedy_prompts=()):
-    """Token counts per generated position for n samples of one prompt, plus the token ids of
+    """Token counts per generated position for n samples of DOCSTRING_PROMPT, and the token ids of
     `greedy_prompts` decoded greedily (5 tokens) in the same batch."""
     saved = dict(os.environ)
     os.environ.update(env or {})
     try:
         llm = make_llm(spec, seed=seed, max_model_len=512)
-        # A docstring opener: the model is unsure what comes next, and its adaptive slots often
-        # draft tokens the target finds unlikely, which is where a wrong acceptance rule shows.
         greedy = SamplingParams(max_tokens=5, temperature=0)
         outs = llm.generate(list(greedy_prompts) + [DOCSTRING_PROMPT] * n,  # greedy first: in the first wave
                             [greedy] * len(greedy_prompts) + [params] * n, use_tqdm=False)
@@ -140,7 +140,7 @@ def sample_counts(spec, seed, n=2000, env=None, params=TOP_K, greedy_prompts=())
     seqs = [o.outputs[0].token_ids for o in outs]
     g = len(greedy_prompts)
     counts = [collections.Counter(s[pos] for s in seqs[g:]) for pos in range(5)]
-    return (counts, [list(s) for s in seqs[:g]]) if g else counts
+    return counts, [list(s) for s in seqs[:g]]
 
 
 def min_p_value(a, b) -> float:
@@ -153,7 +153,7 @@ def min_p_value(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def plain_samples():
-    return sample_counts(None, seed=1)
+    return sample_counts(None, seed=1)[0]
 
 
 # 5 positions are tested at once, so a 0.001 per-position bound gives a family-wise false alarm
@@ -162,16 +162,16 @@ P_BOUND = 1e-3
 
 
 def test_sampling_matches_plain_distribution(plain_samples):
-    control = sample_counts(None, seed=2)
+    control, _ = sample_counts(None, seed=2)
     assert min_p_value(plain_samples, control) > P_BOUND, "control (plain vs plain) failed: the test is broken"
-    sdsat = sample_counts({"method": "sdsat", "num_speculative_tokens": 4}, seed=3)
+    sdsat, _ = sample_counts({"method": "sdsat", "num_speculative_tokens": 4}, seed=3)
     assert min_p_value(plain_samples, sdsat) > P_BOUND
 
 
 def test_top_p_sampling_and_greedy_share_a_batch(plain_greedy):
     """Top-p (T=0.8, p=0.9) samples follow plain vLLM's distribution while 32 greedy requests run in
     the same batches, and those greedy requests still decode exactly as without speculation."""
-    plain = sample_counts(None, seed=4, params=TOP_P)
+    plain, _ = sample_counts(None, seed=4, params=TOP_P)
     sdsat, greedy = sample_counts({"method": "sdsat", "num_speculative_tokens": 4}, seed=5, params=TOP_P,
                                   greedy_prompts=PROMPTS)
     assert min_p_value(plain, sdsat) > P_BOUND
@@ -186,8 +186,8 @@ def test_sampling_test_detects_stock_cpu_bias(plain_samples):
         pytest.skip("the bug is in vLLM's CPU kernel")
     from vllm.v1.engine.exceptions import EngineDeadError
     try:
-        biased = sample_counts({"method": "sdsat", "num_speculative_tokens": 4}, seed=3,
-                               env={"VLLM_SDSAT_SKIP_PATCHES": "cpu_expand_tokens"})
+        biased, _ = sample_counts({"method": "sdsat", "num_speculative_tokens": 4}, seed=3,
+                                  env={"VLLM_SDSAT_SKIP_PATCHES": "cpu_expand_tokens"})
     except EngineDeadError:
         return  # the uninitialised top-k can also index out of range and kill the engine outright
     assert min_p_value(plain_samples, biased) < P_BOUND

@@ -107,23 +107,23 @@ tokens. Acceptance per position is over the adaptive drafts.
 
 Default K = {cfg.num_speculative_tokens}. Reproduce: `.venv/bin/python examples/tiny_model/finetune.py
 {args['command']}` then `.venv/bin/python examples/tiny_model/sdsat_card.py`.
-""" + label_section()
+""" + label_section(cfg.num_speculative_tokens)
     (MODEL / "README.md").write_text(text)
     print(text)
 
 
-def label_section() -> str:
+def label_section(default_k: int) -> str:
     """The self-distilled vs data labels comparison (compare_labels.py), when it has been run."""
     path = Path(__file__).resolve().parent / "results" / "labels_self_vs_data.json"
     if not path.exists():
         return ""
     runs = json.loads(path.read_text())
     ks = list(runs["self"]["tokens_per_loop"])
-    k = str(SdsatConfig.from_pretrained(MODEL).num_speculative_tokens)
+    k = str(default_k)  # JSON keys are strings
     best, other = sorted(runs, key=lambda name: -runs[name]["tokens_per_loop"][k])
     lowest = min(runs, key=lambda name: runs[name]["standard_loss"])
     rows = "\n".join(f"| {name} | {r['standard_loss']:.4f} | {', '.join(f'{v:.2f}' for v in r['slot_top1_greedy'][:4])} | "
-                     + " | ".join(f"{r['tokens_per_loop'][k]:.2f}" for k in ks) + " |" for name, r in runs.items())
+                     + " | ".join(f"{r['tokens_per_loop'][K]:.2f}" for K in ks) + " |" for name, r in runs.items())
     return f"""
 ## Label source: self-distilled vs data
 
@@ -132,7 +132,7 @@ instead of the base model's own continuation (`examples/tiny_model/compare_label
 `examples/tiny_model/results/labels_self_vs_data.json`). Slot top-1 is against the model's own greedy
 continuation, slots 1-4; tokens per loop as above.
 
-| labels | held-out standard loss | slot top-1 (own output) | {' | '.join(f'K={k}' for k in ks)} |
+| labels | held-out standard loss | slot top-1 (own output) | {' | '.join(f'K={K}' for K in ks)} |
 |---|---|---|{'---|' * len(ks)}
 {rows}
 

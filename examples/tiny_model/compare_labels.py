@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import build
 from sdsat_card import MODEL, in_loop_tokens_per_loop, heldout_prompts
 from vllm_sdsat.config import SdsatConfig
 

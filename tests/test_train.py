@@ -11,7 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from vllm_sdsat import cli
 from vllm_sdsat.config import SdsatConfig
 from vllm_sdsat.evaluate import evaluate
-from vllm_sdsat.train import greedy_at_anchors, self_distill
+from vllm_sdsat.data import IGNORE, AdaptiveSpanCollator
+from vllm_sdsat.train import greedy_at_anchors, self_contexts, self_distill
 
 torch.set_num_threads(1)
 SPECIAL = ["<|endoftext|>", "<|pad|>"] + [f"<|adaptive_{i}|>" for i in range(4)]  # ids 0, 1, 2..5
@@ -74,6 +75,25 @@ def test_self_distill_labels_are_the_greedy_continuation(random_llama, tmp_path)
             assert labels == ref[0, a + 2:].tolist()  # slots 1..L: x^_{a+2}..x^_{a+1+L}
 
 
+def test_self_contexts_continue_with_the_model_and_mask_real_labels(random_llama, tmp_path):
+    model = random_llama(init=0.2)
+    rows = torch.randint(10, 60, (8, 16), generator=torch.Generator().manual_seed(3)).tolist()
+    out = self_contexts(Dataset.from_dict({"input_ids": rows}), model, fraction=0.5, prompt_len=6, seed=0,
+                        cache_file=tmp_path / "contexts.arrow", batch_size=3)
+    changed = [r["real_until"] == 6 for r in out]
+    assert 0 < sum(changed) < len(rows)
+    for x, r, c in zip(rows, out, changed):
+        if not c:
+            assert r["input_ids"] == x and r["real_until"] == 16
+            continue
+        ref = model.generate(torch.tensor([x[:6]]), max_new_tokens=10, min_new_tokens=10, do_sample=False)
+        assert r["input_ids"] == ref[0].tolist()
+    ex = next(r for r, c in zip(out, changed) if c)
+    batch = AdaptiveSpanCollator([2], 3, 0.0)([ex])
+    assert batch["real_labels"][0, :5].tolist() == ex["input_ids"][1:6]  # labels x_1..x_5: data
+    assert (batch["real_labels"][0, 5:] == IGNORE).all()  # x_6.. were generated
+
+
 @pytest.mark.parametrize("method", ["sdsat", "basic"])
 def test_train_cli_end_to_end(workdir, tmp_path, method):
     assert train(workdir, tmp_path, "--adaptive-token-ids", "2", "3", "--num-speculative-tokens", "3",
@@ -93,13 +113,14 @@ def test_train_cli_end_to_end(workdir, tmp_path, method):
 
 
 def test_train_self_distillation_is_cached(workdir, tmp_path):
-    extra = ["--adaptive-token-ids", "2", "--labels", "self", "--save-dtype", "float32"]
+    extra = ["--adaptive-token-ids", "2", "--labels", "self", "--save-dtype", "float32", "--self-contexts", "0.5",
+             "--context-prompt-len", "16"]
     assert train(workdir, tmp_path, *extra) == 0
-    caches = list((tmp_path / "cache").glob("distill-*.arrow"))
-    assert len(caches) == 1
-    stamp = caches[0].stat().st_mtime_ns
+    caches = sorted((tmp_path / "cache").glob("*-*.arrow"))
+    assert [c.name.split("-")[0] for c in caches] == ["contexts", "distill"]
+    stamps = [c.stat().st_mtime_ns for c in caches]
     assert train(workdir, tmp_path, *extra) == 0
-    assert caches[0].stat().st_mtime_ns == stamp  # second run read the cache
+    assert [c.stat().st_mtime_ns for c in caches] == stamps  # second run read both caches
     logs = [e for e in json.loads((tmp_path / "out" / "train_log.json").read_text()) if "loss" in e]
     assert all(e["loss_adaptive"] > 0 for e in logs)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "float32"
@@ -119,6 +140,9 @@ def test_train_with_new_embedding_rows(workdir, tmp_path):
     (["--adaptive-token-ids", "2", "--max-adaptive", "0"], "must be >= 1"),
     (["--adaptive-token-ids", "2", "--max-adaptive", "31"], "shorter than a span"),
     (["--adaptive-token-ids", "2", "--method", "basic", "--labels", "self"], "--labels data only"),
+    (["--adaptive-token-ids", "2", "--self-contexts", "0.5"], "needs --labels self"),
+    (["--adaptive-token-ids", "2", "--labels", "self", "--self-contexts", "0.5", "--context-prompt-len", "32"],
+     "--context-prompt-len must lie in"),
     (["--max-adaptive", "2"], "either --adaptive-token-ids or --resize-embeddings"),
     (["--adaptive-token-ids", "2", "--model", "SMALL"], "do not belong together"),
     (["--adaptive-token-ids", "2", "--data", "missing.jsonl"], "no data file at missing.jsonl"),

@@ -163,7 +163,9 @@ def build_suffix_decoding(cache_dir: Path = CACHE_DIR, version: str = "0.1.1") -
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(tmp)]
-        subprocess.run(pip + ["--no-binary", ":all:", f"arctic-inference=={version}"], check=True)
+        # no build isolation: preparing its metadata would otherwise install torch 2.7 and build grpcio-tools
+        subprocess.run(pip + ["--no-build-isolation", "--no-binary", "arctic-inference", f"arctic-inference=={version}"],
+                       check=True)
         subprocess.run(pip + ["nanobind==2.9.2"], check=True)
         sdist = next(tmp.glob("arctic_inference-*.tar.gz"))
         shutil.unpack_archive(str(sdist), tmp)

@@ -119,6 +119,9 @@ class AdaptiveSpanCollator:
     Self-distilled examples also carry "anchors" and "greedy" (per anchor, the base model's greedy
     tokens x^_{i+2}..x^_{i+1+L}); their spans use those anchors and labels, only lengths are drawn.
 
+    Examples with "real_until" (train.self_contexts) have data only in their first real_until tokens:
+    the real-token loss covers just those (the model's own continuation is never a real label).
+
     Batch: input_ids, position_ids (B, T); attention_mask (B, 1, T, T) bool, see attention_bias();
     real_labels, adaptive_labels (B, T), explicit (already shifted), IGNORE where a position has no
     loss of that kind. Randomness comes from one seeded generator: use dataloader_num_workers=0
@@ -142,8 +145,11 @@ class AdaptiveSpanCollator:
 
     def __call__(self, examples: list[dict]) -> dict:
         build = sdsat_row if self.method == "sdsat" else basic_row
-        return collate_rows([build(list(ex["input_ids"]), self.spans(ex), self.slot_ids) for ex in examples],
-                            self.pad_id)
+        rows = [build(list(ex["input_ids"]), self.spans(ex), self.slot_ids) for ex in examples]
+        for ex, row in zip(examples, rows):
+            if "real_until" in ex:  # label of token t is x_{t+1}: keep it while x_{t+1} is data
+                row["real_labels"][max(ex["real_until"] - 1, 0):len(ex["input_ids"])] = IGNORE
+        return collate_rows(rows, self.pad_id)
 
     def spans(self, ex: dict) -> list[tuple[int, list[int]]]:
         """[(anchor i, labels of slots 1..l)] for one example."""

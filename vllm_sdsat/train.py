@@ -13,6 +13,12 @@ L + 1 greedy tokens after every span anchor of every training sequence; the labe
 disk (keyed by model files, data and settings) and reused by later runs. Real tokens keep learning
 the data, never generated text. Cost: about one forward pass over the training data, plus L decode
 steps of one token per anchor; a tqdm bar shows it.
+
+--self-contexts F (with --labels self): in a fraction F of the sequences, everything after the first
+--context-prompt-len tokens is replaced by the base model's own greedy continuation, generated once
+and cached like the labels. At inference the drafts follow the model's own output, not human code;
+these sequences put the adaptive slots in that context during training. Real-token loss stays on
+the real prompt part only. Cost: (seq_len - prompt_len) decode steps per chosen sequence.
 """
 from __future__ import annotations
 
@@ -105,6 +111,49 @@ def greedy_at_anchors(model, input_ids: torch.Tensor, anchors: list[list[int]], 
     return [row[:len(a)] for row, a in zip(greedy, anchors)]
 
 
+@torch.inference_mode()
+def greedy_continuation(model, prompts: torch.Tensor, steps: int) -> torch.Tensor:
+    """(B, steps) greedy tokens after equal-length prompts (B, P), with a KV cache; EOS does not stop it."""
+    out = model(input_ids=prompts.to(model.device), use_cache=True, logits_to_keep=1)
+    tokens = [out.logits[:, -1].argmax(-1, keepdim=True)]
+    for _ in range(steps - 1):
+        out = model(input_ids=tokens[-1], past_key_values=out.past_key_values, use_cache=True)
+        tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+    return torch.cat(tokens, dim=1).cpu()
+
+
+def self_contexts(chunks: Dataset, model, fraction: float, prompt_len: int, seed: int, cache_file: Path,
+                  batch_size: int = 8, bf16: bool = False) -> Dataset:
+    """In a `fraction` of the sequences (drawn per index), replace the tokens after the first
+    prompt_len by the model's greedy continuation of those prompt_len tokens. Adds the column
+    `real_until`: how many leading tokens are data (the whole sequence where nothing was replaced).
+
+    Runs like self_distill: frozen model, batched, tqdm bar, cached as an Arrow file at cache_file.
+    """
+    def continue_some(batch, indices):
+        rows = [list(x) for x in batch["input_ids"]]
+        chosen = [b for b, i in enumerate(indices) if np.random.default_rng([seed, i, 1]).random() < fraction]
+        real_until = [len(x) for x in rows]
+        if chosen:
+            prompts = torch.tensor([rows[b][:prompt_len] for b in chosen])
+            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+                tails = greedy_continuation(model, prompts, len(rows[chosen[0]]) - prompt_len)
+            for b, tail in zip(chosen, tails.tolist()):
+                rows[b][prompt_len:] = tail
+                real_until[b] = prompt_len
+        return {"input_ids": rows, "real_until": real_until}
+
+    features = Features({**chunks.features, "real_until": Value("int32")})
+    was_training = model.training
+    model.eval()
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    out = chunks.map(continue_some, batched=True, batch_size=batch_size, with_indices=True, features=features,
+                     cache_file_name=str(cache_file), new_fingerprint=cache_file.stem,
+                     desc="self-contexts: greedy continuations")
+    model.train(was_training)
+    return out
+
+
 def self_distill(chunks: Dataset, model, max_adaptive: int, spans_per_seq: float, seed: int, cache_file: Path,
                  batch_size: int = 8, bf16: bool = False) -> Dataset:
     """Add columns `anchors` (Poisson(spans_per_seq) uniform anchors per sequence) and `greedy`
@@ -132,14 +181,16 @@ def self_distill(chunks: Dataset, model, max_adaptive: int, spans_per_seq: float
     return out
 
 
-def distill_cache_file(cache_dir: Path, model_path: str, chunks: Dataset, args) -> Path:
+def distill_cache_file(cache_dir: Path, model_path: str, chunks: Dataset, args, kind: str = "distill") -> Path:
     """Cache file named by a hash of the model's files (name, size, mtime), the data and the settings."""
     model_dir = Path(model_path)
     files = sorted(model_dir.iterdir()) if model_dir.is_dir() else []
     key = [str(model_dir.resolve()) if files else model_path,
            [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()],
            chunks._fingerprint, args.max_adaptive, args.spans_per_seq, args.seed, args.bf16]
-    return cache_dir / f"distill-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20]}.arrow"
+    if kind == "contexts":
+        key += [args.self_contexts, args.context_prompt_len]
+    return cache_dir / f"{kind}-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20]}.arrow"
 
 
 def masked_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -192,6 +243,13 @@ def build_trainer(args: argparse.Namespace) -> tuple[SdsatTrainer, SdsatConfig]:
     """Model, tokenizer, data (self-distilled if asked) and trainer from parsed CLI arguments."""
     if args.method == "basic" and args.labels == "self":
         raise SdsatConfigError("sdsat: --method basic trains with --labels data only")
+    if args.self_contexts and args.labels != "self":
+        raise SdsatConfigError("sdsat: --self-contexts needs --labels self")
+    if not 0 <= args.self_contexts <= 1:
+        raise SdsatConfigError(f"sdsat: --self-contexts is a fraction in [0, 1], got {args.self_contexts}")
+    if args.self_contexts and not args.max_adaptive + 2 <= args.context_prompt_len < args.seq_len:
+        raise SdsatConfigError(f"sdsat: --context-prompt-len must lie in [L + 2, --seq-len), got "
+                               f"{args.context_prompt_len}")
     if bool(args.adaptive_token_ids) == bool(args.resize_embeddings):
         raise SdsatConfigError("sdsat: give either --adaptive-token-ids or --resize-embeddings N")
     if args.seq_len < args.max_adaptive + 2:
@@ -221,7 +279,12 @@ def build_trainer(args: argparse.Namespace) -> tuple[SdsatTrainer, SdsatConfig]:
             needed = args.max_steps * targs.train_batch_size * targs.gradient_accumulation_steps * targs.world_size
             if len(chunks) > needed:  # distill only what training will read
                 chunks = chunks.shuffle(seed=args.seed).select(range(needed))
-            cache_file = distill_cache_file(Path(args.cache_dir or DEFAULT_CACHE), args.model, chunks, args)
+            cache_dir = Path(args.cache_dir or DEFAULT_CACHE)
+            if args.self_contexts:
+                chunks = self_contexts(chunks, model.to(targs.device), args.self_contexts, args.context_prompt_len,
+                                       args.seed, distill_cache_file(cache_dir, args.model, chunks, args, "contexts"),
+                                       args.distill_batch_size, args.bf16)
+            cache_file = distill_cache_file(cache_dir, args.model, chunks, args)
             chunks = self_distill(chunks, model.to(targs.device), args.max_adaptive, args.spans_per_seq, args.seed,
                                   cache_file, args.distill_batch_size, args.bf16)
     collator = AdaptiveSpanCollator(cfg.adaptive_token_ids, args.max_adaptive, args.spans_per_seq, args.method,
@@ -289,6 +352,9 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     a("--method", choices=METHODS, default="sdsat", help="sdsat: masked spans; basic: in-place baseline")
     a("--labels", choices=["data", "self"], default="data",
       help="adaptive labels: the data's next tokens, or the base model's own greedy continuation")
+    a("--self-contexts", type=float, default=0.0, metavar="F",
+      help="with --labels self: fraction of sequences whose tail is the base model's own greedy continuation")
+    a("--context-prompt-len", type=int, default=128, help="data tokens kept before a self-context continuation")
     a("--seq-len", type=int, default=1024)
     a("--max-steps", type=int, default=1000)
     a("--lr", type=float, default=1e-4)

@@ -1,12 +1,15 @@
-"""Self-distilled vs data labels for the adaptive slots, at equal training settings.
+"""Training variants of sdsat-tiny-code at equal settings, measured like its model card.
 
-The embedded sdsat-tiny-code was trained with `--labels self`. This script measures a twin trained
-with `--labels data` (same steps, batch, spans, seed) in the real greedy loop, on the same held-out
-prompts as its model card, and writes both side by side to results/labels_self_vs_data.json:
+Each variant is a finetune.py run from tiny-code that differs from the others in one option (same
+steps, batch, spans, seed), or one that continues another with --init. This script measures a variant's checkpoint in the real greedy loop, on the
+card's held-out prompts, and stores it under a name in results/training_variants.json, next to the
+variants measured before:
 
     .venv/bin/python examples/tiny_model/finetune.py --labels data --output /tmp/sdsat-data \\
         --seq-len 256 --spans-per-seq 24 --batch-size 12 --max-steps 600 --lr 5e-4
-    .venv/bin/python examples/tiny_model/compare_labels.py /tmp/sdsat-data
+    .venv/bin/python examples/tiny_model/compare_training.py "data labels" /tmp/sdsat-data
+
+sdsat_card.py renders the file as a table on the model card.
 """
 import json
 import sys
@@ -15,30 +18,31 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sdsat_card import MODEL, in_loop_tokens_per_loop, heldout_prompts
+from sdsat_card import in_loop_tokens_per_loop, heldout_prompts
 from vllm_sdsat.config import SdsatConfig
 
-OUT = Path(__file__).resolve().parent / "results" / "labels_self_vs_data.json"
+OUT = Path(__file__).resolve().parent / "results" / "training_variants.json"
 
 
 def summary(model_dir: Path, loop: dict) -> dict:
     ev = json.loads((model_dir / "eval.json").read_text())
-    return {"labels": json.loads((model_dir / "train_args.json").read_text())["labels"],
-            "standard_loss": ev["sdsat"]["standard_loss"], "base_standard_loss": ev["base"]["standard_loss"],
+    args = json.loads((model_dir / "train_args.json").read_text())
+    return {"command": args["command"], "standard_loss": ev["sdsat"]["standard_loss"],
+            "base_standard_loss": ev["base"]["standard_loss"],
             "slot_top1_greedy": ev["sdsat"]["slot_top1_greedy"], "slot_top1_data": ev["sdsat"]["slot_top1_data"],
             "tokens_per_loop": {int(k): v["tokens_per_loop"] for k, v in loop.items()}}
 
 
-def main(data_model: str) -> None:
-    data_dir = Path(data_model)
-    model = AutoModelForCausalLM.from_pretrained(data_dir, dtype=torch.float32).eval()
-    loop = in_loop_tokens_per_loop(model, SdsatConfig.from_pretrained(data_dir),
-                                   heldout_prompts(AutoTokenizer.from_pretrained(data_dir)))
-    result = {"self": summary(MODEL, json.loads((MODEL / "in_loop.json").read_text())),
-              "data": summary(data_dir, loop)}
-    OUT.write_text(json.dumps(result, indent=1) + "\n")
-    for name, r in result.items():
-        print(f"{name:5s} standard loss {r['standard_loss']:.4f} (base {r['base_standard_loss']:.4f}), "
+def main(name: str, model_dir: str) -> None:
+    path = Path(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    loop = in_loop_tokens_per_loop(model, SdsatConfig.from_pretrained(path),
+                                   heldout_prompts(AutoTokenizer.from_pretrained(path)))
+    variants = json.loads(OUT.read_text()) if OUT.exists() else {}
+    variants[name] = summary(path, loop)
+    OUT.write_text(json.dumps(variants, indent=1) + "\n")
+    for key, r in variants.items():
+        print(f"{key:32s} standard loss {r['standard_loss']:.4f} (base {r['base_standard_loss']:.4f}), "
               f"tokens per loop " + ", ".join(f"K={k}: {v:.2f}" for k, v in r["tokens_per_loop"].items()))
     print(f"wrote {OUT}")
 

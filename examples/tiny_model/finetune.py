@@ -51,10 +51,15 @@ def heldout_sequences(tokenizer, count: int, seq_len: int) -> torch.Tensor:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default=str(build.MODELS / "tiny-code"))
+    ap.add_argument("--init", help="start from this checkpoint instead of --base (a second stage); it also "
+                    "makes the self-distilled labels and contexts. --base stays the evaluation's reference")
     ap.add_argument("--output", default=str(build.MODELS / "sdsat-tiny-code"))
     ap.add_argument("--repeated", action="store_true", help="one adaptive id (2) for every slot instead of 2..7")
     ap.add_argument("--max-adaptive", type=int, default=6, metavar="L")
     ap.add_argument("--labels", choices=["self", "data"], default="self")
+    ap.add_argument("--self-contexts", type=float, default=0.0, metavar="F",
+                    help="fraction of sequences continued by the base model's own greedy output (--labels self)")
+    ap.add_argument("--context-prompt-len", type=int, default=128, help="data tokens before that continuation")
     ap.add_argument("--spans-per-seq", type=float, default=16.0)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--max-steps", type=int, default=1500)
@@ -67,8 +72,9 @@ def main():
     torch.set_num_threads(os.cpu_count())
 
     ids = ["2"] if args.repeated else [str(i) for i in range(2, 2 + args.max_adaptive)]
-    argv = ["--model", args.base, "--data", str(write_train_jsonl()), "--output", args.output,
+    argv = ["--model", args.init or args.base, "--data", str(write_train_jsonl()), "--output", args.output,
             "--adaptive-token-ids", *ids, "--max-adaptive", str(args.max_adaptive), "--labels", args.labels,
+            "--self-contexts", str(args.self_contexts), "--context-prompt-len", str(args.context_prompt_len),
             "--spans-per-seq", str(args.spans_per_seq), "--seq-len", str(args.seq_len),
             "--max-steps", str(args.max_steps), "--lr", str(args.lr), "--batch-size", str(args.batch_size),
             "--cache-dir", str(build.WORK / "cache"), "--seed", str(args.seed),
@@ -76,7 +82,11 @@ def main():
     print("vllm-sdsat train " + " ".join(argv), file=sys.stderr)
     train_args = train.parse_args(argv)
     out = train.run(train_args)
-    record = vars(args) | {"adaptive_weight": train_args.adaptive_weight, "command": " ".join(sys.argv[1:])}
+    log = json.loads((Path(out) / "train_log.json").read_text())
+    record = vars(args) | {"adaptive_weight": train_args.adaptive_weight, "command": " ".join(sys.argv[1:]),
+                           "train_minutes": round(next(e for e in log if "train_runtime" in e)["train_runtime"] / 60, 1)}
+    if args.init:  # the first stage's record travels with the checkpoint
+        record["previous_stage"] = json.loads((Path(args.init) / "train_args.json").read_text())
     (Path(out) / "train_args.json").write_text(json.dumps(record, indent=1) + "\n")
 
     tokenizer = AutoTokenizer.from_pretrained(out)

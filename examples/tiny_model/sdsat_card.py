@@ -4,7 +4,7 @@
 
 Tokens per loop are measured with the reference decoder (vllm_sdsat.reference), greedy, fp32, on
 held-out code prompts, against the model's own output (the only thing verification accepts), for
-every K. Training figures come from finetune.py's eval.json and the trainer's train_log.json.
+every K. Training figures come from finetune.py's eval.json and train_args.json (one record per stage).
 """
 import json
 import sys
@@ -54,13 +54,30 @@ def main(n_prompts=16, prompt_len=128):
 
 def write_card(cfg, loop, n_prompts, prompt_len):
     ev = json.loads((MODEL / "eval.json").read_text())
-    log = json.loads((MODEL / "train_log.json").read_text())
-    summary = next(e for e in reversed(log) if "train_runtime" in e)
     args = json.loads((MODEL / "train_args.json").read_text())
     base, tuned = ev["base"], ev["sdsat"]
     ratio = tuned["standard_loss"] / base["standard_loss"]
     rows = "\n".join(f"| {K} | {v['tokens_per_loop']:.2f} | {', '.join(f'{a:.2f}' for a in v['acceptance_per_position'])} |"
                      for K, v in loop.items())
+    stages = [args]
+    while "previous_stage" in stages[0]:
+        stages.insert(0, stages[0]["previous_stage"])
+    per_stage = lambda label, fn: f"| {label} | " + " | ".join(fn(a) for a in stages) + " |"  # noqa: E731
+    stage_rows = "\n".join([
+        "| | " + " | ".join(f"stage {n}" for n in range(1, len(stages) + 1)) + " |",
+        "|---|" + "---|" * len(stages),
+        per_stage("starts from", lambda a: "the previous stage" if a.get("init") else f"`{Path(a['base']).name}`"),
+        per_stage("adaptive labels", lambda a: "self (the starting model's own greedy continuation, generated once "
+                  "and cached)" if a["labels"] == "self" else "the data"),
+        per_stage("self-contexts", lambda a: f"{a['self_contexts']:.0%} of sequences: {a['context_prompt_len']} data "
+                  "tokens, then the starting model's own greedy continuation (no real-token loss there)"
+                  if a.get("self_contexts") else "none"),
+        per_stage("steps x batch x seq", lambda a: f"{a['max_steps']} x {a['batch_size']} x {a['seq_len']}"),
+        per_stage("learning rate (cosine), seed", lambda a: f"{a['lr']}, {a['seed']}"),
+        per_stage("time", lambda a: f"{a['train_minutes']:.1f} min of training, "
+                  "plus generating contexts and labels"),
+        per_stage("finetune.py options", lambda a: f"`{a['command']}`"),
+    ])
     slots = lambda key: ", ".join(f"{v:.2f}" for v in tuned[key])  # noqa: E731
     text = f"""# sdsat-tiny-code
 
@@ -70,17 +87,12 @@ benchmarks. Its `config.json` carries the `sdsat` block that vLLM reads:
 
 ## Training
 
-| | |
-|---|---|
-| method | appended adaptive spans, 4D mask (real tokens never see adaptive tokens), loss = CE(real) + w CE(adaptive) |
-| adaptive labels | {args['labels']} ({'the base model' + "'s own greedy continuation, generated once and cached" if args['labels'] == 'self' else 'the data'}) |
-| adaptive ids | {list(cfg.adaptive_token_ids)} (`<|adaptive_0..|>`, one id per slot) |
-| L (max span) | {args['max_adaptive']} |
-| spans per sequence (Poisson lambda) | {args['spans_per_seq']} per {args['seq_len']} tokens |
-| w (adaptive weight) | {args['adaptive_weight']} |
-| steps x batch x seq | {args['max_steps']} x {args['batch_size']} x {args['seq_len']} = {args['max_steps'] * args['batch_size'] * args['seq_len']:,} real tokens |
-| learning rate | {args['lr']}, bf16 autocast |
-| time | {summary['train_runtime'] / 60:.1f} min of training (2-core AMD EPYC), plus self-distillation |
+Loss = CE(real) + w CE(adaptive), with the spans appended after the real tokens under a 4D mask (real
+tokens never see adaptive tokens). Adaptive ids {list(cfg.adaptive_token_ids)} (`<|adaptive_0..|>`,
+one id per slot), L (max span) = {args['max_adaptive']}, Poisson lambda = {args['spans_per_seq']} spans
+per {args['seq_len']} tokens, w = {args['adaptive_weight']}, bf16 autocast, 2-core AMD EPYC.
+
+{stage_rows}
 
 ## Held-out code ({base['anchors'] // 4} windows of held-out stdlib files)
 
@@ -105,40 +117,42 @@ tokens. Acceptance per position is over the adaptive drafts.
 |---|---|---|
 {rows}
 
-Default K = {cfg.num_speculative_tokens}. Reproduce: `.venv/bin/python examples/tiny_model/finetune.py
-{args['command']}` then `.venv/bin/python examples/tiny_model/sdsat_card.py`.
-""" + label_section(cfg.num_speculative_tokens)
+Default K = {cfg.num_speculative_tokens} (L + 1: every trained slot; tokens per loop still grows up to it). Reproduce: run `.venv/bin/python examples/tiny_model/finetune.py`
+with each stage's options above, in order, then `.venv/bin/python examples/tiny_model/sdsat_card.py`.
+""" + variants_section(cfg.num_speculative_tokens)
     (MODEL / "README.md").write_text(text)
     print(text)
 
 
-def label_section(default_k: int) -> str:
-    """The self-distilled vs data labels comparison (compare_labels.py), when it has been run."""
-    path = Path(__file__).resolve().parent / "results" / "labels_self_vs_data.json"
+def variants_section(default_k: int) -> str:
+    """The training variants measured by compare_training.py, when there are any."""
+    path = Path(__file__).resolve().parent / "results" / "training_variants.json"
     if not path.exists():
         return ""
     runs = json.loads(path.read_text())
-    ks = list(runs["self"]["tokens_per_loop"])
+    ks = list(next(iter(runs.values()))["tokens_per_loop"])
     k = str(default_k)  # JSON keys are strings
-    best, other = sorted(runs, key=lambda name: -runs[name]["tokens_per_loop"][k])
+    best = max(runs, key=lambda name: runs[name]["tokens_per_loop"][k])
     lowest = min(runs, key=lambda name: runs[name]["standard_loss"])
-    rows = "\n".join(f"| {name} | {r['standard_loss']:.4f} | {', '.join(f'{v:.2f}' for v in r['slot_top1_greedy'][:4])} | "
+    rows = "\n".join(f"| {name} | `{r['command']}` | {r['standard_loss']:.4f} | "
+                     f"{', '.join(f'{v:.2f}' for v in r['slot_top1_greedy'][:4])} | "
                      + " | ".join(f"{r['tokens_per_loop'][K]:.2f}" for K in ks) + " |" for name, r in runs.items())
     return f"""
-## Label source: self-distilled vs data
+## Training variants
 
-The same fine-tuning (steps, batch, spans, seed) with the adaptive slots labelled by the data
-instead of the base model's own continuation (`examples/tiny_model/compare_labels.py`, raw numbers in
-`examples/tiny_model/results/labels_self_vs_data.json`). Slot top-1 is against the model's own greedy
-continuation, slots 1-4; tokens per loop as above.
+Fine-tunings measured like this card (`examples/tiny_model/compare_training.py`, raw numbers in
+`examples/tiny_model/results/training_variants.json`). Variants from `tiny-code` share the steps,
+batch, spans and seed and differ in the options shown; a variant with `--init` continues another
+one. Slot top-1 is against the model's own greedy continuation on held-out code, slots 1-4; then
+tokens per loop for each K.
 
-| labels | held-out standard loss | slot top-1 (own output) | {' | '.join(f'K={K}' for K in ks)} |
-|---|---|---|{'---|' * len(ks)}
+| variant | finetune.py options | held-out standard loss | slot top-1 (own output) | {' | '.join(f'K={K}' for K in ks)} |
+|---|---|---|---|{'---|' * len(ks)}
 {rows}
 
-At the default K = {k}, {best} labels give more tokens per loop ({runs[best]['tokens_per_loop'][k]:.2f} vs
-{runs[other]['tokens_per_loop'][k]:.2f}); {lowest} labels give the lower held-out standard-token loss
-(the base model's is {runs['self']['base_standard_loss']:.4f}).
+At the default K = {k}, "{best}" gives the most tokens per loop ({runs[best]['tokens_per_loop'][k]:.2f});
+"{lowest}" gives the lowest held-out standard-token loss (the base model's is
+{next(iter(runs.values()))['base_standard_loss']:.4f}).
 """
 
 

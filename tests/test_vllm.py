@@ -15,7 +15,7 @@ vllm = pytest.importorskip("vllm")
 from vllm import LLM, SamplingParams  # noqa: E402
 from scipy.stats import chi2_contingency  # noqa: E402
 
-from vllm_sdsat.config import SdsatConfigError  # noqa: E402
+from vllm_sdsat.config import SdsatConfig, SdsatConfigError  # noqa: E402
 
 SDSAT_MODEL = str(REPO / "examples" / "models" / "sdsat-tiny-code")
 BASE_MODEL = str(REPO / "examples" / "models" / "tiny-code")  # no sdsat block
@@ -211,7 +211,8 @@ def test_sdsat_selects_the_v1_model_runner():
     from vllm.engine.arg_utils import EngineArgs
     config = EngineArgs(model=SDSAT_MODEL, speculative_config={"method": "sdsat"}, max_model_len=512,
                         dtype="float32").create_engine_config()
-    assert config.speculative_config.num_speculative_tokens == 5  # the checkpoint's default K
+    default_k = SdsatConfig.from_pretrained(SDSAT_MODEL).num_speculative_tokens
+    assert config.speculative_config.num_speculative_tokens == default_k  # the checkpoint's K
     assert "speculative method 'custom_class'" in config._get_v2_model_runner_unsupported_features()
 
 

@@ -144,14 +144,8 @@ def self_contexts(chunks: Dataset, model, fraction: float, prompt_len: int, seed
         return {"input_ids": rows, "real_until": real_until}
 
     features = Features({**chunks.features, "real_until": Value("int32")})
-    was_training = model.training
-    model.eval()
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    out = chunks.map(continue_some, batched=True, batch_size=batch_size, with_indices=True, features=features,
-                     cache_file_name=str(cache_file), new_fingerprint=cache_file.stem,
-                     desc="self-contexts: greedy continuations")
-    model.train(was_training)
-    return out
+    return map_with_frozen_model(chunks, continue_some, model, features, cache_file, batch_size,
+                                 "self-contexts: greedy continuations")
 
 
 def self_distill(chunks: Dataset, model, max_adaptive: int, spans_per_seq: float, seed: int, cache_file: Path,
@@ -171,12 +165,18 @@ def self_distill(chunks: Dataset, model, max_adaptive: int, spans_per_seq: float
 
     features = Features({**chunks.features, "anchors": Sequence(Value("int32")),
                          "greedy": Sequence(Sequence(Value("int32")))})
+    return map_with_frozen_model(chunks, add_labels, model, features, cache_file, batch_size,
+                                 "self-distillation: greedy labels")
+
+
+def map_with_frozen_model(chunks: Dataset, fn, model, features: Features, cache_file: Path, batch_size: int,
+                          desc: str) -> Dataset:
+    """chunks.map(fn) in batches with indices, the model in eval mode, cached as an Arrow file."""
     was_training = model.training
     model.eval()
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    out = chunks.map(add_labels, batched=True, batch_size=batch_size, with_indices=True, features=features,
-                     cache_file_name=str(cache_file), new_fingerprint=cache_file.stem,
-                     desc="self-distillation: greedy labels")
+    out = chunks.map(fn, batched=True, batch_size=batch_size, with_indices=True, features=features,
+                     cache_file_name=str(cache_file), new_fingerprint=cache_file.stem, desc=desc)
     model.train(was_training)
     return out
 

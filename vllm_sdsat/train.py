@@ -187,9 +187,8 @@ def distill_cache_file(cache_dir: Path, model_path: str, chunks: Dataset, args, 
     files = sorted(model_dir.iterdir()) if model_dir.is_dir() else []
     key = [str(model_dir.resolve()) if files else model_path,
            [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()],
-           chunks._fingerprint, args.max_adaptive, args.spans_per_seq, args.seed, args.bf16]
-    if kind == "contexts":
-        key += [args.self_contexts, args.context_prompt_len]
+           chunks._fingerprint, args.max_adaptive, args.spans_per_seq, args.seed, args.bf16, args.self_contexts,
+           args.context_prompt_len]
     return cache_dir / f"{kind}-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20]}.arrow"
 
 

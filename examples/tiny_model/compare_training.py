@@ -1,9 +1,9 @@
-"""Training variants of sdsat-tiny-code at equal settings, measured like its model card.
+"""Training variants of sdsat-tiny-code, measured like its model card.
 
 Each variant is a finetune.py run from tiny-code that differs from the others in one option (same
-steps, batch, spans, seed), or one that continues another with --init. This script measures a variant's checkpoint in the real greedy loop, on the
-card's held-out prompts, and stores it under a name in results/training_variants.json, next to the
-variants measured before:
+steps, batch, spans, seed), or one that continues another with --init. This script measures a
+variant's checkpoint in the real greedy loop, on the card's held-out prompts, and stores it under a
+name in results/training_variants.json, next to the variants measured before:
 
     .venv/bin/python examples/tiny_model/finetune.py --labels data --output /tmp/sdsat-data \\
         --seq-len 256 --spans-per-seq 24 --batch-size 12 --max-steps 600 --lr 5e-4

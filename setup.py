@@ -6,7 +6,7 @@ setup(
     description="SDSAT (speculative decoding with semantic adaptive tokens) as a vLLM plugin",
     python_requires=">=3.10",
     # patches/ is the one place that touches vLLM internals; it installs as vllm_sdsat.patches.
-    packages=["vllm_sdsat", "vllm_sdsat.patches"],
+    packages=["vllm_sdsat", "vllm_sdsat.engine", "vllm_sdsat.training", "vllm_sdsat.bench", "vllm_sdsat.patches"],
     package_dir={"vllm_sdsat": "vllm_sdsat", "vllm_sdsat.patches": "patches"},
     install_requires=[
         "transformers>=4.56",
@@ -28,7 +28,7 @@ setup(
         "test": ["pytest", "scipy"],
     },
     entry_points={
-        "vllm.general_plugins": ["sdsat = vllm_sdsat.plugin:register"],
+        "vllm.general_plugins": ["sdsat = vllm_sdsat.engine.plugin:register"],
         "console_scripts": ["vllm-sdsat = vllm_sdsat.cli:main"],
     },
 )

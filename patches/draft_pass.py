@@ -95,7 +95,7 @@ class TargetDraftPass:
 
 def propose_draft_token_ids(self: GPUModelRunner, scheduler_output, sampled_token_ids, sampling_metadata,
                             *args, **kwargs):
-    from vllm_sdsat.proposer import SdsatProposer
+    from vllm_sdsat.engine.proposer import SdsatProposer
 
     if not isinstance(getattr(self, "drafter", None), SdsatProposer):
         return _original(self, scheduler_output, sampled_token_ids, sampling_metadata, *args, **kwargs)

@@ -12,7 +12,7 @@ from vllm.engine.arg_utils import EngineArgs
 
 from vllm_sdsat.config import SdsatConfig, SdsatConfigError
 
-PROPOSER_PATH = "vllm_sdsat.proposer.SdsatProposer"
+PROPOSER_PATH = "vllm_sdsat.engine.proposer.SdsatProposer"
 SDSAT_KEYS = ("adaptive_token_ids", "max_adaptive_tokens")
 _original = EngineArgs.create_speculative_config
 

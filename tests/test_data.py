@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vllm_sdsat.config import SdsatConfigError
-from vllm_sdsat.data import (IGNORE, AdaptiveSpanCollator, attention_bias, basic_row, collate_rows, forward_inputs,
+from vllm_sdsat.training.data import (IGNORE, AdaptiveSpanCollator, attention_bias, basic_row, collate_rows, forward_inputs,
                              sdsat_row)
 
 torch.set_num_threads(1)

@@ -10,9 +10,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from vllm_sdsat import cli
 from vllm_sdsat.config import SdsatConfig
-from vllm_sdsat.evaluate import evaluate
-from vllm_sdsat.data import IGNORE, AdaptiveSpanCollator
-from vllm_sdsat.train import greedy_at_anchors, self_contexts, self_distill
+from vllm_sdsat.training.evaluate import evaluate
+from vllm_sdsat.training.data import IGNORE, AdaptiveSpanCollator
+from vllm_sdsat.training.train import greedy_at_anchors, self_contexts, self_distill
 
 torch.set_num_threads(1)
 SPECIAL = ["<|endoftext|>", "<|pad|>"] + [f"<|adaptive_{i}|>" for i in range(4)]  # ids 0, 1, 2..5

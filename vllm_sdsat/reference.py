@@ -28,6 +28,7 @@ from transformers.generation.logits_process import (LogitsProcessorList, Tempera
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
 from vllm_sdsat.config import SdsatConfig, SdsatConfigError
+from vllm_sdsat.console import console
 
 
 @dataclass
@@ -305,10 +306,10 @@ def run_cli(args) -> int:
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     top_k=args.top_k, seed=args.seed, eos_token_id=tokenizer.eos_token_id)
     ids, stats = sdsat_generate(model, prompt, cfg, args.k, **sampling)
-    print(args.prompt + tokenizer.decode(ids))
-    print(f"\n[sdsat] {stats.summary()}")
+    console.print(args.prompt + tokenizer.decode(ids))
+    console.print(f"\n[sdsat] {stats.summary()}")
     if args.baseline:
         _, base = autoregressive_generate(model, prompt, **sampling)
-        print(f"[plain] {base.summary()}")
-        print(f"[speedup] {stats.tokens_per_s / base.tokens_per_s:.2f}x")
+        console.print(f"[plain] {base.summary()}")
+        console.print(f"[speedup] {stats.tokens_per_s / base.tokens_per_s:.2f}x")
     return 0

@@ -7,7 +7,7 @@ All runs fine-tune examples/models/tiny-code with the same data, steps, seed and
 - sdsat-self: the sdsat layout with self-distilled labels (the base model's own greedy continuation),
   which compares the two label sources at equal steps.
 Plotted: loss_real (the real tokens' training loss, in each run's own layout) and, every --eval-every
-steps, the standard-token loss of clean held-out code. Also records vllm_sdsat.evaluate at the end.
+steps, the standard-token loss of clean held-out code. Also records vllm_sdsat.training.evaluate at the end.
 Writes OUT/fig5_basic_vs_sdsat.png and .json. Cost: three training runs of --max-steps steps.
 
     .venv/bin/python examples/tiny_model/fig5_basic_vs_sdsat.py --max-steps 300
@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build  # noqa: E402
 from finetune import heldout_sequences, write_train_jsonl  # noqa: E402
 
-from vllm_sdsat import train  # noqa: E402
-from vllm_sdsat.evaluate import evaluate, standard_loss  # noqa: E402
+from vllm_sdsat.training import train  # noqa: E402
+from vllm_sdsat.training.evaluate import evaluate, standard_loss  # noqa: E402
 
 RUNS = {"basic": ("basic", "data"), "sdsat": ("sdsat", "data"), "sdsat-self": ("sdsat", "self")}
 

@@ -7,7 +7,7 @@
    build/finetune_train.jsonl, once.
 2. Runs `vllm-sdsat train` on it. Options this script does not define (--adaptive-weight,
    --training-arg KEY=VALUE, ...) go to the trainer unchanged.
-3. Evaluates the base and the fine-tuned model on held-out code (vllm_sdsat.evaluate) and writes
+3. Evaluates the base and the fine-tuned model on held-out code (vllm_sdsat.training.evaluate) and writes
    eval.json into the output directory.
 """
 import argparse
@@ -22,9 +22,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build  # noqa: E402  (examples/tiny_model is not a package)
 
-from vllm_sdsat import train  # noqa: E402
+from vllm_sdsat.training import train  # noqa: E402
 from vllm_sdsat.config import SdsatConfig  # noqa: E402
-from vllm_sdsat.evaluate import evaluate  # noqa: E402
+from vllm_sdsat.training.evaluate import evaluate  # noqa: E402
 
 TRAIN_JSONL = build.WORK / "finetune_train.jsonl"
 

@@ -15,6 +15,7 @@ import gc
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from vllm_sdsat.bench.engine import shutdown
 from vllm_sdsat.config import SdsatConfig
 
 STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]  # the Codex paper's HumanEval stop sequences
@@ -31,8 +32,6 @@ def check_models(base_model: str, sdsat_model: str) -> SdsatConfig:
 def generate(model: str, prompts: list[str], speculative_config: dict | None, max_tokens: int, dtype: str,
              max_model_len: int) -> list[str]:
     from vllm import LLM, SamplingParams
-
-    from vllm_sdsat.bench import shutdown
 
     llm = LLM(model=model, speculative_config=speculative_config, dtype=dtype, max_model_len=max_model_len,
               seed=0, enable_prefix_caching=False)

@@ -26,8 +26,6 @@ import argparse
 import glob
 import hashlib
 import json
-import os
-import sys
 from collections import defaultdict
 from itertools import chain
 from pathlib import Path
@@ -37,13 +35,15 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset, Features, Sequence, Value, load_dataset
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback,
+                          TrainingArguments)
 
 from vllm_sdsat.config import SdsatConfig, SdsatConfigError
-from vllm_sdsat.data import IGNORE, METHODS, AdaptiveSpanCollator, attention_bias, forward_inputs, sample_anchors
+from vllm_sdsat.console import console
+from vllm_sdsat.paths import CACHE_DIR
+from vllm_sdsat.training.data import IGNORE, METHODS, AdaptiveSpanCollator, attention_bias, forward_inputs, sample_anchors
 
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # any other suffix: plain text
-DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vllm-sdsat"
 
 
 def load_chunks(path: str, tokenizer, seq_len: int, data_format: str = "auto", cache_dir: str | None = None) -> Dataset:
@@ -175,8 +175,15 @@ def map_with_frozen_model(chunks: Dataset, fn, model, features: Features, cache_
     was_training = model.training
     model.eval()
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    out = chunks.map(fn, batched=True, batch_size=batch_size, with_indices=True, features=features,
-                     cache_file_name=str(cache_file), new_fingerprint=cache_file.stem, desc=desc)
+    with console.bar(total=len(chunks), desc=desc, unit="seq") as bar:
+        def fn_with_progress(batch, indices):
+            out = fn(batch, indices)
+            bar.update(len(indices))
+            return out
+
+        out = chunks.map(fn_with_progress, batched=True, batch_size=batch_size, with_indices=True,
+                         features=features, cache_file_name=str(cache_file), new_fingerprint=cache_file.stem,
+                         desc=desc)
     model.train(was_training)
     return out
 
@@ -230,6 +237,26 @@ class SdsatTrainer(Trainer):
         super().log(logs, start_time)
 
 
+class ConsoleProgress(TrainerCallback):
+    """The training bar on the terminal (`console`), with the last logged losses beside it."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.bar = console.bar(total=state.max_steps, desc="sdsat train", unit="step", initial=state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            self.bar.set_postfix({k: v for k, v in logs.items() if k.startswith("loss")})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.bar.close()
+
+
 def add_adaptive_rows(model, tokenizer, count: int) -> list[int]:
     """Add `count` new special tokens <|sdsat_adaptive_j|> and embedding rows for them; their ids."""
     names = [f"<|sdsat_adaptive_{j}|>" for j in range(count)]
@@ -261,7 +288,7 @@ def build_trainer(args: argparse.Namespace) -> tuple[SdsatTrainer, SdsatConfig]:
         "warmup_steps": 0.05, "bf16": args.bf16, "use_cpu": not torch.accelerator.is_available(),
         "dataloader_pin_memory": torch.accelerator.is_available(),
         "logging_steps": args.logging_steps, "save_strategy": "no", "report_to": "none", "seed": args.seed,
-        "remove_unused_columns": False, **dict(args.training_arg or [])})
+        "remove_unused_columns": False, "disable_tqdm": True, **dict(args.training_arg or [])})
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation=args.attn)
     vocab = model.get_input_embeddings().num_embeddings
@@ -273,12 +300,12 @@ def build_trainer(args: argparse.Namespace) -> tuple[SdsatTrainer, SdsatConfig]:
     cfg.check_vocab(model.get_input_embeddings().num_embeddings)
     with targs.main_process_first(desc="tokenize and self-distill"):
         chunks = load_chunks(args.data, tokenizer, args.seq_len, args.data_format, args.cache_dir)
-        print(f"sdsat train: {len(chunks)} sequences of {args.seq_len} tokens", file=sys.stderr)
+        console.print(f"sdsat train: {len(chunks)} sequences of {args.seq_len} tokens")
         if args.labels == "self":
             needed = args.max_steps * targs.train_batch_size * targs.gradient_accumulation_steps * targs.world_size
             if len(chunks) > needed:  # distill only what training will read
                 chunks = chunks.shuffle(seed=args.seed).select(range(needed))
-            cache_dir = Path(args.cache_dir or DEFAULT_CACHE)
+            cache_dir = Path(args.cache_dir or CACHE_DIR)
             if args.self_contexts:
                 chunks = self_contexts(chunks, model.to(targs.device), args.self_contexts, args.context_prompt_len,
                                        args.seed, distill_cache_file(cache_dir, args.model, chunks, args, "contexts"),
@@ -289,7 +316,8 @@ def build_trainer(args: argparse.Namespace) -> tuple[SdsatTrainer, SdsatConfig]:
     collator = AdaptiveSpanCollator(cfg.adaptive_token_ids, args.max_adaptive, args.spans_per_seq, args.method,
                                     tokenizer.pad_token_id or 0, args.seed)
     trainer = SdsatTrainer(model=model, args=targs, train_dataset=chunks, data_collator=collator,
-                           processing_class=tokenizer, adaptive_weight=args.adaptive_weight)
+                           processing_class=tokenizer, adaptive_weight=args.adaptive_weight,
+                           callbacks=[ConsoleProgress()])
     return trainer, cfg
 
 
@@ -363,7 +391,7 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     a("--attn", choices=["sdpa", "eager"], default="sdpa", help="attention implementation (needs 4D masks)")
     a("--save-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
       help="dtype of the saved weights (auto: the base model's)")
-    a("--cache-dir", help=f"datasets and self-distillation cache (default {DEFAULT_CACHE} and datasets' own)")
+    a("--cache-dir", help=f"datasets and self-distillation cache (default {CACHE_DIR} and datasets' own)")
     a("--distill-batch-size", type=int, default=8)
     a("--logging-steps", type=int, default=10)
     a("--seed", type=int, default=0)
@@ -379,5 +407,5 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    print(f"sdsat train: saved to {run(args)}", file=sys.stderr)
+    console.print(f"sdsat train: saved to {run(args)}")
     return 0

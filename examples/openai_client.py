@@ -9,7 +9,10 @@ Acceptance is computed from vLLM's counters, over this script's own requests (th
 /metrics before and after them; other clients' traffic in between is counted too):
 - acceptance length = 1 + accepted / drafts: tokens per verification step, the bonus token included
   (SDSAT's first draft is the target's own next token, so it is at least 2 for greedy requests);
-- acceptance rate = accepted / draft tokens;
+- acceptance rate = accepted / draft tokens, over drafts 1..K;
+- acceptance rate over drafts 2..K = (accepted - accepted at position 1) / (draft tokens - drafts): draft 1
+  is SDSAT's exact next token, accepted (greedy) always, so this is the rate of the adaptive drafts alone,
+  the figure to compare with other methods' acceptance rates;
 - per position j: the share of draft steps whose j-th draft was accepted.
 """
 import argparse
@@ -49,12 +52,15 @@ def spec_counters(url: str) -> dict:
 
 def acceptance(before: dict, after: dict) -> dict:
     delta = {k: after[k] - before[k] for k in ("num_drafts", "num_draft_tokens", "num_accepted_tokens")}
-    drafts = delta["num_drafts"]
+    drafts, accepted = delta["num_drafts"], delta["num_accepted_tokens"]
+    first = after["per_pos"].get(0, 0.0) - before["per_pos"].get(0, 0.0)
+    rest = delta["num_draft_tokens"] - drafts
     per_pos = {p: (after["per_pos"][p] - before["per_pos"].get(p, 0.0)) / drafts
                for p in sorted(after["per_pos"])} if drafts else {}
     return delta | {
-        "acceptance_length": 1 + delta["num_accepted_tokens"] / drafts if drafts else float("nan"),
-        "acceptance_rate": delta["num_accepted_tokens"] / delta["num_draft_tokens"] if drafts else float("nan"),
+        "acceptance_length": 1 + accepted / drafts if drafts else float("nan"),
+        "acceptance_rate": accepted / delta["num_draft_tokens"] if drafts else float("nan"),
+        "acceptance_rate_after_first": (accepted - first) / rest if rest > 0 and after["per_pos"] else float("nan"),
         "per_position": per_pos,
     }
 
@@ -97,7 +103,8 @@ def main(argv=None) -> int:
     print(f"drafts {stats['num_drafts']:.0f}, draft tokens {stats['num_draft_tokens']:.0f}, "
           f"accepted {stats['num_accepted_tokens']:.0f}")
     print(f"acceptance length {stats['acceptance_length']:.2f} tokens/step, "
-          f"acceptance rate {stats['acceptance_rate']:.1%}")
+          f"acceptance rate {stats['acceptance_rate']:.1%} (drafts 1..K), "
+          f"{stats['acceptance_rate_after_first']:.1%} over drafts 2..K (SDSAT's adaptive drafts)")
     print("accepted per draft position: "
           + ", ".join(f"{pos + 1}: {rate:.1%}" for pos, rate in stats["per_position"].items()))
     return 0

@@ -7,6 +7,11 @@ validation: SDSAT runs as vLLM's `custom_class` method with our proposer class, 
 SDSAT needs and nothing more: no draft model config of its own, no draft KV cache, the V1 model
 runner on GPU. The resolved `sdsat` block (checkpoint block + user overrides) is stored on the
 target's hf_config, which travels with the VllmConfig to every worker.
+
+`resolve` runs inside `EngineArgs.create_engine_config` (which calls `create_speculative_config` after
+building the model and parallel configs and before the engine starts or any weights load), so what the
+draft pass cannot do is refused there with one SdsatConfigError line; see `unsupported`. LoRA is read
+from the EngineArgs (`enable_lora`), since its LoRAConfig is built after the speculative config.
 """
 from vllm.engine.arg_utils import EngineArgs
 
@@ -27,26 +32,60 @@ def _requested(args: EngineArgs) -> bool:
     return "sdsat" in (spec.get("method"), spec.get("model"), args.spec_method, args.spec_model)
 
 
-def resolve(spec: dict, target_model_config, target_parallel_config) -> tuple[dict, SdsatConfig]:
+def unsupported(model_config, parallel_config, enable_lora: bool = False) -> str | None:
+    """Why the draft pass cannot serve this engine configuration, or None. Read from the configs alone
+    (nothing is loaded), so the engine refuses before any model loads."""
+    if parallel_config.pipeline_parallel_size > 1:
+        return ("pipeline parallelism is not supported (the draft pass needs every layer on one rank); "
+                "use tensor parallelism instead")
+    cp = {"decode": parallel_config.decode_context_parallel_size,
+          "prefill": parallel_config.prefill_context_parallel_size}
+    if max(cp.values()) > 1:
+        name = ", ".join(f"{k}_context_parallel_size={v}" for k, v in cp.items() if v > 1)
+        return (f"context parallelism ({name}) is not supported (the draft pass writes its KV as one rank "
+                "would); use tensor parallelism instead")
+    if parallel_config.data_parallel_size > 1 and model_config.is_moe:
+        return (f"data parallelism (data_parallel_size={parallel_config.data_parallel_size}) with an MoE model "
+                "is not supported (idle DP ranks would not join the draft pass's expert collectives and the "
+                "engine would hang); use tensor parallelism, or data parallelism with a dense model")
+    if enable_lora:
+        return ("LoRA adapters (enable_lora) are not supported (the draft pass runs without the request's "
+                "adapter, so its drafts would come from the base model)")
+    hf_text = model_config.hf_text_config
+    layer_types = sorted(set(getattr(hf_text, "layer_types", None) or []))
+    if model_config.is_hybrid or model_config.has_inner_state or model_config.is_attention_free:
+        return ("hybrid or state-space models (mamba / linear-attention layers) are not supported (their "
+                "recurrent state cannot be rolled back after the draft pass)")
+    if len(layer_types) > 1:
+        return (f"hybrid attention (layer_types {layer_types}: several KV cache groups) is not supported; "
+                "the draft pass handles one group of full-attention layers")
+    if getattr(hf_text, "attention_chunk_size", None):
+        return ("chunked local attention (attention_chunk_size) is not supported (several KV cache groups)")
+    if model_config.model_arch_config.per_layer_overrides is not None:
+        return ("models whose layers differ in KV shape are not supported (several KV cache groups)")
+    if model_config.is_encoder_decoder:
+        return "encoder-decoder models are not supported (cross-attention is a second KV cache group)"
+    if model_config.uses_mrope:
+        return ("M-RoPE models (rope_parameters with mrope_section) are not supported (the draft pass gives "
+                "adaptive tokens 1-D positions)")
+    return None
+
+
+def resolve(spec: dict, target_model_config, target_parallel_config, enable_lora: bool = False
+            ) -> tuple[dict, SdsatConfig]:
     """The custom_class speculative config and the SDSAT settings for a user's sdsat request."""
     spec = {k.replace("-", "_"): v for k, v in spec.items()}
     method, model = spec.pop("method", None), spec.pop("model", None)
     if method not in (None, "sdsat") or model not in (None, "sdsat"):
         raise SdsatConfigError(f"sdsat: conflicting speculative config method={method!r} model={model!r}; "
                                "SDSAT drafts with the target model itself, so give no draft model")
-    if target_parallel_config.pipeline_parallel_size > 1:
-        raise SdsatConfigError("sdsat: pipeline parallelism is not supported (the draft pass needs every layer "
-                               "on one rank); use tensor parallelism instead")
+    why = unsupported(target_model_config, target_parallel_config, enable_lora)
+    if why:
+        raise SdsatConfigError(f"sdsat: {why}")
     hf_config = target_model_config.hf_config
-    block = dict(getattr(hf_config, "sdsat", None) or {})
-    overrides = {k: spec.pop(k) for k in (*SDSAT_KEYS, "num_speculative_tokens") if spec.get(k) is not None}
-    block.update(overrides)
-    if "adaptive_token_ids" not in block:
-        raise SdsatConfigError(
-            f"sdsat: {target_model_config.model} has no 'sdsat' block in config.json and the speculative "
-            "config gives no adaptive_token_ids. Fine-tune it with `vllm-sdsat train`, or pass "
-            '{"method": "sdsat", "adaptive_token_ids": [...]}.')
-    cfg = SdsatConfig.from_dict(block).check_vocab(target_model_config.get_vocab_size())
+    overrides = {k: spec.pop(k) for k in (*SDSAT_KEYS, "num_speculative_tokens") if k in spec}
+    cfg = SdsatConfig.resolve(getattr(hf_config, "sdsat", None), overrides, target_model_config.get_vocab_size(),
+                              source=str(target_model_config.model))
     hf_config.sdsat = cfg.to_dict()
     spec.update(method="custom_class", model=PROPOSER_PATH, num_speculative_tokens=cfg.num_speculative_tokens)
     return spec, cfg
@@ -60,7 +99,8 @@ def create_speculative_config(self: EngineArgs, target_model_config, target_para
             if value is not None:
                 spec.setdefault(key, value)
         self.spec_method = self.spec_model = self.spec_tokens = None
-        self.speculative_config, _ = resolve(spec, target_model_config, target_parallel_config)
+        self.speculative_config, _ = resolve(spec, target_model_config, target_parallel_config,
+                                              enable_lora=bool(self.enable_lora))
     return _original(self, target_model_config, target_parallel_config)
 
 

@@ -1,13 +1,15 @@
 """`vllm-sdsat bench`: options, method specs, statistics, tables and bad input. No engine starts here."""
 import argparse
+import importlib.util
 import json
 import sys
 import types
 
 import pytest
 
+from conftest import REPO
 from vllm_sdsat import cli as sdsat_cli
-from vllm_sdsat.bench import cli, methods, report, runner
+from vllm_sdsat.bench import cli, engine, methods, report, runner
 from vllm_sdsat.config import SdsatConfigError
 
 SDSAT_BLOCK = {"adaptive_token_ids": [2], "max_adaptive_tokens": 3, "num_speculative_tokens": 4}
@@ -111,9 +113,9 @@ def test_build_specs_all_methods(model, tmp_path, monkeypatch):
 
 
 def test_build_specs_k_lists(model, tmp_path):
-    specs, _ = methods.build_specs(["sdsat", "ngram"], str(model), ks=[2, 6], baseline_ks=[3, 5],
+    specs, _ = methods.build_specs(["sdsat", "ngram"], str(model), ks=[2, 4], baseline_ks=[3, 5],
                                  cache_dir=tmp_path)
-    assert [s.label for s in specs] == ["sdsat K=2", "sdsat K=6", "ngram K=3", "ngram K=5"]
+    assert [s.label for s in specs] == ["sdsat K=2", "sdsat K=4", "ngram K=3", "ngram K=5"]
 
 
 def test_pard_copy(model, tmp_path):
@@ -154,8 +156,8 @@ def test_suffix_skipped_with_reason(model, tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- bad input: one line, exit 2, no engine
-@pytest.mark.parametrize("case", ["unknown method", "no sdsat block", "sdsat K too small", "no model",
-                                  "no drafter", "not runnable"])
+@pytest.mark.parametrize("case", ["unknown method", "no sdsat block", "sdsat K too small", "sdsat K past L + 1",
+                                  "no model", "no drafter", "not runnable"])
 def test_bad_input_exits_2_before_any_engine(case, tmp_path, capsys, no_engine):
     model = write_model(tmp_path / "m")
     base = write_model(tmp_path / "base", sdsat=False)
@@ -163,6 +165,8 @@ def test_bad_input_exits_2_before_any_engine(case, tmp_path, capsys, no_engine):
         "unknown method": (["--model", str(model), "--methods", "none,sdstat"], "unknown method 'sdstat'"),
         "no sdsat block": (["--model", str(base), "--methods", "none,sdsat"], "no 'sdsat' block"),
         "sdsat K too small": (["--model", str(model), "--methods", "sdsat", "--k", "1"], "must be in 2.."),
+        "sdsat K past L + 1": (["--model", str(model), "--methods", "sdsat", "--k", "5"],
+                               "slots past L were never trained"),
         "no model": (["--model", str(tmp_path / "missing"), "--quick"], "no model at"),
         "no drafter": (["--model", str(model), "--methods", "draft_model", "--drafter", str(tmp_path / "x")],
                        "no drafter at"),
@@ -197,10 +201,40 @@ def test_spec_delta():
     assert d["num_accepted_tokens_per_pos"] == [20, 11, 6, 3]
     assert d["mean_accepted_length"] == 3.0 and d["acceptance_rate"] == 0.5
     assert d["acceptance_rate_per_pos"] == [1.0, 0.55, 0.3, 0.15]
+    assert d["acceptance_rate_after_first"] == pytest.approx((11 + 6 + 3) / (20 * 3))  # drafts 2..4 only
     empty = runner.spec_delta({}, {"mean_accepted_length": None})  # no speculation: no counters at all
     assert empty["mean_accepted_length"] is None and empty["acceptance_rate_per_pos"] == []
+    assert empty["acceptance_rate_after_first"] is None
     first = runner.spec_delta({}, after)  # counters first appear during the cell
     assert first["num_accepted_tokens_per_pos"] == [30, 15, 7, 3]
+
+
+def test_acceptance_after_first_from_engine_metrics():
+    """engine.acceptance reads vLLM's metric objects; drafts 2..K leave out position 1 (SDSAT's exact draft)."""
+    def metric(name, value):
+        return types.SimpleNamespace(name=f"vllm:spec_decode_{name}", value=value,
+                                     values=value if isinstance(value, list) else None)
+    llm = types.SimpleNamespace(get_metrics=lambda: [
+        metric("num_drafts", 10), metric("num_draft_tokens", 40), metric("num_accepted_tokens", 16),
+        metric("num_accepted_tokens_per_pos", [10, 4, 2, 0]), types.SimpleNamespace(name="vllm:other", value=1)])
+    m = engine.acceptance(llm)
+    assert m["acceptance_rate"] == 0.4 and m["mean_accepted_length"] == 2.6
+    assert m["acceptance_rate_after_first"] == pytest.approx(6 / 30)
+    none = engine.acceptance(types.SimpleNamespace(get_metrics=lambda: []))
+    assert none["acceptance_rate"] is None and none["acceptance_rate_after_first"] is None
+
+
+def test_openai_client_acceptance_after_first():
+    spec = importlib.util.spec_from_file_location("openai_client", REPO / "examples" / "openai_client.py")
+    client = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(client)
+    before = {"num_drafts": 5.0, "num_draft_tokens": 20.0, "num_accepted_tokens": 9.0, "per_pos": {0: 5.0, 1: 4.0}}
+    after = {"num_drafts": 15.0, "num_draft_tokens": 60.0, "num_accepted_tokens": 29.0,
+             "per_pos": {0: 15.0, 1: 10.0, 2: 3.0, 3: 1.0}}
+    stats = client.acceptance(before, after)
+    assert stats["acceptance_rate"] == pytest.approx(20 / 40)
+    assert stats["acceptance_rate_after_first"] == pytest.approx((20 - 10) / (40 - 10))
+    assert stats["per_position"] == pytest.approx({0: 1.0, 1: 0.6, 2: 0.3, 3: 0.1})
 
 
 def run_row(label, method, k, t, b, tok_s, spec=None, **extra):
@@ -241,17 +275,25 @@ def test_markdown_table():
     assert "### Greedy" in md and "### T = 1.0, top-p = 0.95" in md
     assert "Command: `vllm-sdsat bench --quick`" in md
     header = next(line for line in lines if line.startswith("| method"))
-    assert header.count("|") - 1 == 11 and "= none" in header  # greedy table has the identity column
+    assert header.count("|") - 1 == 12 and "= none" in header  # greedy table has the identity column
     none_row = next(line for line in lines if line.startswith("| none | 1 | 100.0"))
     assert "1.00x [0.90-1.10]" in none_row and none_row.rstrip().endswith("| ref |")
     sdsat_row = next(line for line in lines if line.startswith("| sdsat K=4"))
     cells = [c.strip() for c in sdsat_row.strip("|").split("|")]
-    assert cells == ["sdsat K=4", "1", "150.0 [120.0-200.0]", "1.50x [1.20-2.00]", "3.00", "0.50",
-                     "1.00 0.60 0.30 0.10", "12", "1234", "262,144", "7/8"]
+    assert cells == ["sdsat K=4", "1", "150.0 [120.0-200.0]", "1.50x [1.20-2.00]", "3.00", "0.50", "0.33",
+                     "1.00 0.60 0.30 0.10", "12", "1234", "262,144", "7/8"]  # 2..K: (6 + 3 + 1) / (10 * 3)
     ngram_row = next(line for line in lines if line.startswith("| ngram K=4"))
-    assert "1.50x [1.50-1.50]" in ngram_row and ngram_row.count("|") == 11  # no identity column at T=1
+    assert "1.50x [1.50-1.50]" in ngram_row and ngram_row.count("|") == 12  # no identity column at T=1
     assert "- `suffix`: arctic_inference missing" in md
     assert "| `base` | plain | 164 | 1 | 0.006 | - |" in md
+
+
+def test_table_derives_rate_after_first_for_older_results():
+    results = hand_made_results()
+    for r in results["runs"]:
+        if r["spec"]:
+            r["spec"] = {k: v for k, v in r["spec"].items() if k != "acceptance_rate_after_first"}
+    assert report.write_markdown(results) == report.write_markdown(hand_made_results())
 
 
 def test_json_to_table_and_plots(tmp_path, capsys, no_engine):

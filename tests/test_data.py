@@ -158,3 +158,16 @@ def test_bad_inputs():
     with pytest.raises(SdsatConfigError, match="method 'sdsat'"):
         example = {"input_ids": list(range(9)), "anchors": [1], "greedy": [[5, 6]]}
         AdaptiveSpanCollator([A], 2, method="basic")([example])
+
+
+def test_indexed_examples_have_spans_fixed_by_seed_epoch_and_index():
+    """With an "index" (train.py adds one), an example's spans depend on (seed, epoch, index) only: not on what
+    the collator drew before, so a resumed run or another rank draws the same; a new epoch draws new ones."""
+    rows = [{"input_ids": list(range(10, 40)), "index": i} for i in range(6)]
+    fresh = AdaptiveSpanCollator([A, B], 3, 4.0, seed=7)
+    used = AdaptiveSpanCollator([A, B], 3, 4.0, seed=7)
+    used(rows[:3])  # advance its own generator
+    assert [used.spans(r) for r in rows[3:]] == [fresh.spans(r) for r in rows[3:]]
+    assert len({str(fresh.spans(r)) for r in rows}) > 1  # the index matters
+    fresh.epoch = 1
+    assert [fresh.spans(r) for r in rows] != [used.spans(r) for r in rows]

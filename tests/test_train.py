@@ -1,18 +1,24 @@
 """Trainer, self-distillation and `vllm-sdsat train` end to end, on tiny random Llama models."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
+                          TrainerCallback)
 
+from conftest import REPO
 from vllm_sdsat import cli
 from vllm_sdsat.config import SdsatConfig
 from vllm_sdsat.training.evaluate import evaluate
 from vllm_sdsat.training.data import IGNORE, AdaptiveSpanCollator
-from vllm_sdsat.training.train import greedy_at_anchors, self_contexts, self_distill
+from vllm_sdsat.training import train as train_module
+from vllm_sdsat.training.self_distill import greedy_at_anchors, self_contexts, self_distill
 
 torch.set_num_threads(1)
 SPECIAL = ["<|endoftext|>", "<|pad|>"] + [f"<|adaptive_{i}|>" for i in range(4)]  # ids 0, 1, 2..5
@@ -146,6 +152,10 @@ def test_train_with_new_embedding_rows(workdir, tmp_path):
     (["--max-adaptive", "2"], "either --adaptive-token-ids or --resize-embeddings"),
     (["--adaptive-token-ids", "2", "--model", "SMALL"], "do not belong together"),
     (["--adaptive-token-ids", "2", "--data", "missing.jsonl"], "no data file at missing.jsonl"),
+    (["--adaptive-token-ids", "2", "--resume"], "no checkpoint-* folder"),
+    (["--adaptive-token-ids", "2", "--warmup-ratio", "1.5"], "--warmup-ratio is a fraction"),
+    (["--adaptive-token-ids", "2", "--max-adaptive", "2", "--num-speculative-tokens", "4"],
+     "slots past L were never trained"),
 ])
 def test_bad_input_exits_2_with_one_line(workdir, tmp_path, capsys, extra, message):
     extra = [str(workdir / "small_vocab") if e == "SMALL" else e for e in extra]
@@ -156,9 +166,119 @@ def test_bad_input_exits_2_with_one_line(workdir, tmp_path, capsys, extra, messa
     assert "Traceback" not in err and not (tmp_path / "out" / "config.json").exists()
 
 
-def test_evaluate_reports_slots(random_llama):
-    model = random_llama(init=0.2)
-    seqs = torch.randint(10, 60, (3, 24), generator=torch.Generator().manual_seed(1))
-    report = evaluate(model, seqs, SdsatConfig((2, 3), 3), anchors_per_seq=2)
-    assert report["anchors"] == 6 and len(report["slot_top1_data"]) == len(report["slot_top1_greedy"]) == 3
-    assert 2 <= report["tokens_per_loop"] <= 5 and 0 < report["standard_loss"]
+def train_args(workdir, out, *extra):
+    return train_module.parse_args([
+        "--model", str(workdir / "model"), "--data", str(workdir / "data.jsonl"), "--output", str(out),
+        "--cache-dir", str(out.parent / "cache"), "--seq-len", "32", "--max-adaptive", "3", "--spans-per-seq", "3",
+        "--batch-size", "2", "--logging-steps", "1", "--lr", "1e-3", "--adaptive-token-ids", "2", *extra])
+
+
+class CountSteps(TrainerCallback):
+    steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
+
+
+def test_resume_from_a_checkpoint_continues_the_same_run(workdir, tmp_path):
+    """4 steps with a checkpoint every 2; then a second run resumed from checkpoint-2 runs only steps 3-4 and
+    ends with the same weights and losses as the uninterrupted run."""
+    full = train_args(workdir, tmp_path / "full", "--max-steps", "4", "--save-steps", "2", "--save-dtype", "float32")
+    assert train_module.run(full).is_dir()
+    assert sorted(p.name for p in (tmp_path / "full").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+    trainer, _ = train_module.build_trainer(train_args(workdir, tmp_path / "resumed", "--max-steps", "4"))
+    counter = CountSteps()
+    trainer.add_callback(counter)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    assert counter.steps == 2 and trainer.state.global_step == 4
+    expected = load_file(tmp_path / "full" / "model.safetensors")
+    got = {k: v.detach() for k, v in trainer.model.state_dict().items()}
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+    losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
+    full_losses = [(e["step"], e["loss"]) for e in json.loads((tmp_path / "full" / "train_log.json").read_text())
+                   if "loss" in e]
+    assert losses == full_losses and len(losses) == 4
+
+
+def test_warmup_is_a_fraction_of_the_steps(workdir, tmp_path):
+    trainer, _ = train_module.build_trainer(train_args(workdir, tmp_path / "out", "--max-steps", "40",
+                                                       "--warmup-ratio", "0.1"))
+    assert trainer.args.warmup_steps == 4 and trainer.args.get_warmup_steps(40) == 4  # whole steps on any version
+    trainer.create_optimizer_and_scheduler(num_training_steps=40)
+    lrs = []
+    for _ in range(6):
+        lrs.append(trainer.lr_scheduler.get_last_lr()[0])
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    assert lrs[:5] == pytest.approx([0, 0.25e-3, 0.5e-3, 0.75e-3, 1e-3]) and lrs[5] < 1e-3
+
+
+def test_self_distillation_is_sharded_over_two_ranks(workdir, tmp_path):
+    """torchrun, 2 CPU processes (gloo): each rank generates its own share of the self-contexts and labels into
+    its own shard file; both train on the concatenation, which equals what one process generates."""
+    common = ["--model", str(workdir / "model"), "--data", str(workdir / "data.jsonl"), "--seq-len", "32",
+              "--max-adaptive", "3", "--spans-per-seq", "3", "--max-steps", "40", "--batch-size", "4",
+              "--adaptive-token-ids", "2", "--labels", "self", "--self-contexts", "0.5", "--context-prompt-len", "8",
+              "--distill-batch-size", "1", "--save-dtype", "float32", "--logging-steps", "10"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(free_port()), "-m", "vllm_sdsat.cli", "train", *common, "--output", str(tmp_path / "two"),
+                          "--cache-dir", str(tmp_path / "cache2")], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert two.returncode == 0, two.stderr[-4000:]
+    assert cli.main(["train", *common, "--output", str(tmp_path / "one"), "--cache-dir", str(tmp_path / "cache1")]) == 0
+    for kind in ("contexts", "distill"):
+        one = sorted((tmp_path / "cache1").glob(f"{kind}-*-0of1.arrow"))
+        shards = sorted((tmp_path / "cache2").glob(f"{kind}-*of2.arrow"))
+        assert len(one) == 1 and [p.name.rsplit("-", 1)[1] for p in shards] == ["0of2.arrow", "1of2.arrow"]
+        parts = [Dataset.from_file(str(p)) for p in shards]
+        whole = Dataset.from_file(str(one[0]))
+        assert abs(len(parts[0]) - len(parts[1])) <= 1 and len(parts[0]) + len(parts[1]) == len(whole) > 10
+        assert concatenate_datasets(parts).to_dict() == whole.to_dict()
+    distilled = Dataset.from_file(str(next((tmp_path / "cache1").glob("distill-*-0of1.arrow"))))
+    assert sum(len(a) for a in distilled["anchors"]) > 0
+    log = json.loads((tmp_path / "two" / "train_log.json").read_text())
+    assert [e["step"] for e in log if "loss" in e] == [10, 20, 30, 40]
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_evaluate_matches_a_direct_measurement():
+    """evaluate() on the embedded SDSAT model, against the same quantities measured directly: the standard
+    loss from the model's own loss, and per anchor the drafts of [x_..a, A_1..A_k] against model.generate."""
+    path = REPO / "examples" / "models" / "sdsat-tiny-code"
+    if not (path / "config.json").is_file():
+        pytest.skip("the embedded SDSAT model is not built")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    text = "".join(f"def add_{i}(a, b):\n    return a + b + {i}\n\n" for i in range(8))
+    n, k = 24, 3
+    ids = tok(text)["input_ids"]
+    seqs = torch.tensor([ids[i * n:(i + 1) * n] for i in range(2)])
+    cfg = SdsatConfig.from_pretrained(path, num_speculative_tokens=k + 1)
+    report = evaluate(model, seqs, cfg, anchors_per_seq=n - k - 1)  # every anchor: no sampling involved
+
+    with torch.no_grad():
+        loss = torch.stack([model(input_ids=row[None], labels=row[None]).loss for row in seqs]).mean().item()
+        accepted, hits = [], torch.zeros(k)
+        for row in seqs.tolist():
+            for a in range(n - k - 1):
+                prompt = row[:a + 1]
+                own = model.generate(torch.tensor([prompt]), max_new_tokens=k + 1, min_new_tokens=k + 1,
+                                     do_sample=False)[0, a + 2:]  # the greedy x^_{a+2}..x^_{a+1+k}
+                drafts = model(input_ids=torch.tensor([prompt + cfg.adaptive_ids(k)])).logits[0, -k:].argmax(-1)
+                match = (drafts == own).int()
+                hits += match
+                accepted.append(match.cumprod(0).sum().item())
+    assert report["anchors"] == len(accepted) == 2 * (n - k - 1)
+    assert report["standard_loss"] == pytest.approx(loss, abs=1e-3)
+    assert report["slot_top1_greedy"] == pytest.approx((hits / len(accepted)).tolist(), abs=1e-3)
+    assert report["accepted"] == pytest.approx(sum(accepted) / len(accepted), abs=1e-3)
+    assert report["tokens_per_loop"] == pytest.approx(2 + report["accepted"], abs=1e-3)
+    assert 0 < report["accepted"] < k  # the comparison above is between non-trivial numbers

@@ -5,7 +5,11 @@
 - `adaptive_token_ids`: one id (repeated for every slot, the official release style) or one id per
   slot. Slot j (0-based) uses `ids[min(j, len(ids) - 1)]`.
 - `max_adaptive_tokens`: L, the longest adaptive span seen in training.
-- `num_speculative_tokens`: the default K for vLLM = 1 exact draft + (K - 1) adaptive tokens.
+- `num_speculative_tokens`: the default K for vLLM = 1 exact draft + (K - 1) adaptive tokens, at most
+  L + 1: adaptive slots past L were never trained.
+
+`SdsatConfig.resolve` is the one rule that turns a checkpoint's block plus a user's overrides into a
+config; the vLLM hook, the proposer, the reference decoder and the benchmark all go through it.
 """
 from __future__ import annotations
 
@@ -42,6 +46,12 @@ class SdsatConfig:
             raise SdsatConfigError(
                 f"sdsat: num_speculative_tokens (K) must be in 2..{MAX_SPECULATIVE_TOKENS}, got {k} "
                 "(K = 1 exact draft + K-1 adaptive tokens)")
+        if k > self.max_adaptive_tokens + 1:
+            L = self.max_adaptive_tokens
+            raise SdsatConfigError(
+                f"sdsat: num_speculative_tokens (K={k}) is larger than max_adaptive_tokens (L={L}) + 1: adaptive "
+                f"slots past L were never trained, so their drafts are noise. Use K <= {L + 1}, or set "
+                "max_adaptive_tokens if the model was trained with longer spans")
 
     def adaptive_id(self, slot: int) -> int:
         """Token id of adaptive slot `slot` (0-based)."""
@@ -79,24 +89,32 @@ class SdsatConfig:
                    int(d.get("num_speculative_tokens", 0)))
 
     @classmethod
-    def from_pretrained(cls, model_path: str | Path, **overrides) -> "SdsatConfig":
-        """Read the block from `model_path/config.json`; keyword overrides win over it.
+    def resolve(cls, block: dict | None, overrides: dict | None = None, vocab_size: int | None = None,
+                source: str = "the model") -> "SdsatConfig":
+        """The one rule: the checkpoint's `sdsat` block, updated by the user's overrides (None values are
+        ignored), validated, and checked against the vocabulary when its size is known.
 
-        With no block and no `adaptive_token_ids` override, raises SdsatConfigError.
+        `source` names the model in the error raised when neither gives adaptive_token_ids.
         """
+        merged = dict(block or {})
+        merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        if "adaptive_token_ids" not in merged:
+            raise SdsatConfigError(
+                f"sdsat: {source} has no 'sdsat' block in its config and no adaptive_token_ids were given. "
+                "Fine-tune it with `vllm-sdsat train`, or give the adaptive token ids (speculative config key "
+                "adaptive_token_ids, or --adaptive-token-ids).")
+        cfg = cls.from_dict(merged)
+        return cfg.check_vocab(vocab_size) if vocab_size else cfg
+
+    @classmethod
+    def from_pretrained(cls, model_path: str | Path, **overrides) -> "SdsatConfig":
+        """`resolve` on `model_path/config.json`'s block; keyword overrides win over it."""
         cfg_file = Path(model_path) / "config.json"
         if not cfg_file.is_file():
             raise SdsatConfigError(f"sdsat: no config.json at {model_path}")
         hf = json.loads(cfg_file.read_text())
-        block = dict(hf.get("sdsat") or {})
-        block.update({k: v for k, v in overrides.items() if v is not None})
-        if "adaptive_token_ids" not in block:
-            raise SdsatConfigError(
-                f"sdsat: {model_path} has no 'sdsat' block in config.json and no adaptive_token_ids were "
-                "given. Fine-tune it with `vllm-sdsat train`, or pass the adaptive token ids explicitly.")
-        cfg = cls.from_dict(block)
         vocab = hf.get("vocab_size") or hf.get("text_config", {}).get("vocab_size")
-        return cfg.check_vocab(vocab) if vocab else cfg
+        return cls.resolve(hf.get("sdsat"), overrides, vocab, source=str(model_path))
 
     def write_into(self, model_path: str | Path) -> None:
         """Add or replace the `sdsat` block in `model_path/config.json`."""

@@ -29,6 +29,8 @@ class Console:
         print(*args, file=self.out, flush=True, **kwargs)
 
     def error(self, message: str, show_log: bool = True) -> None:
+        for bar in list(getattr(tqdm, "_instances", ())):  # end any bar the failure interrupted on its own line
+            bar.close()
         where = f" (full log: {self.log_path})" if self.log_path and show_log else ""
         print(f"{message}{where}", file=self.err, flush=True)
 

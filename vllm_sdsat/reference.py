@@ -207,18 +207,13 @@ def autoregressive_generate(model, input_ids, max_new_tokens: int = 128, tempera
 
 
 def resolve_sdsat_config(model, sdsat: SdsatConfig | Sequence[int] | int | None) -> SdsatConfig:
-    """An SdsatConfig from a config, adaptive token id(s), or (None) the model config's `sdsat` block."""
+    """An SdsatConfig from a config, adaptive token id(s), or (None) the model config's `sdsat` block, through
+    the one rule, `SdsatConfig.resolve`. Plain ids ignore the model's block: L = len(ids), K = L + 1."""
+    vocab = model.get_input_embeddings().num_embeddings
     if sdsat is None:
-        block = getattr(model.config, "sdsat", None)
-        if not block:
-            raise SdsatConfigError("sdsat: the model config has no 'sdsat' block and no adaptive token ids were "
-                                   "given; fine-tune it with `vllm-sdsat train` or pass the ids explicitly")
-        cfg = SdsatConfig.from_dict(block)
-    elif isinstance(sdsat, SdsatConfig):
-        cfg = sdsat
-    else:
-        cfg = SdsatConfig.from_dict({"adaptive_token_ids": sdsat})
-    return cfg.check_vocab(model.get_input_embeddings().num_embeddings)
+        return SdsatConfig.resolve(getattr(model.config, "sdsat", None), {}, vocab, source="the model config")
+    block = sdsat.to_dict() if isinstance(sdsat, SdsatConfig) else {"adaptive_token_ids": sdsat}
+    return SdsatConfig.resolve(block, {}, vocab, source="the model config")
 
 
 def check_arguments(k: int | None = None, max_new_tokens: int = 1, temperature: float = 0.0, top_p: float = 1.0,

@@ -3,34 +3,32 @@
 Runs HumanEval prompts one at a time (batch 1, greedy), first without speculation, then with SDSAT,
 and prints tokens/s, the speedup, mean accepted length and whether the outputs are identical.
 """
-import gc
 import os
+from contextlib import ExitStack
 from pathlib import Path
 
-from vllm_sdsat.bench.engine import QUIET_VLLM_ENV, acceptance, humaneval_prompts, shutdown, timed_generate
+from vllm_sdsat.bench.engine import QUIET_VLLM_ENV, acceptance, humaneval_prompts, running_engine, timed_generate
 from vllm_sdsat.config import SdsatConfig
 from vllm_sdsat.console import console
 from vllm_sdsat.paths import EMBEDDED_MODEL
 
 
 def run(model: str, k: int | None, n_prompts: int, max_tokens: int, dtype: str) -> dict:
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     cfg = SdsatConfig.from_pretrained(model, num_speculative_tokens=k)
     prompts = humaneval_prompts(n_prompts)
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
     results = {}
     for name, spec in (("plain", None), ("sdsat", {"method": "sdsat", "num_speculative_tokens": cfg.num_speculative_tokens})):
-        with console.waiting(f"{name:5s}: starting engine"):
-            llm = LLM(model=model, speculative_config=spec, dtype=dtype, max_model_len=2048,
-                      disable_log_stats=False, seed=0)
-            llm.generate(prompts[:1], params, use_tqdm=False)  # warm-up
-        with console.bar(total=len(prompts), desc=f"{name:5s}: generating", unit="prompt") as bar:
-            outputs, tok_s, _ = timed_generate(llm, prompts, params, bar=bar)
-        results[name] = {"tok_s": tok_s, "ids": [o.outputs[0].token_ids for o in outputs], **acceptance(llm)}
-        shutdown(llm)
-        del llm
-        gc.collect()
+        with ExitStack() as engine:  # one engine at a time, shut down when the block ends
+            with console.waiting(f"{name:5s}: starting engine"):
+                llm = engine.enter_context(running_engine(model=model, speculative_config=spec, dtype=dtype,
+                                                          max_model_len=2048, disable_log_stats=False, seed=0))
+                llm.generate(prompts[:1], params, use_tqdm=False)  # warm-up
+            with console.bar(total=len(prompts), desc=f"{name:5s}: generating", unit="prompt") as bar:
+                outputs, tok_s, _ = timed_generate(llm, prompts, params, bar=bar)
+            results[name] = {"tok_s": tok_s, "ids": [o.outputs[0].token_ids for o in outputs], **acceptance(llm)}
     plain, sdsat = results["plain"], results["sdsat"]
     same = sum(list(a) == list(b) for a, b in zip(plain["ids"], sdsat["ids"]))
     console.print(f"\nSDSAT demo: {Path(model).name}, {len(prompts)} HumanEval prompts, batch 1, greedy, "

@@ -1,6 +1,8 @@
 """One vLLM engine seen by the benchmark and the demo: HumanEval prompts in, timed outputs and
 spec-decode counters out."""
+import gc
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 QUIET_VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
@@ -13,13 +15,27 @@ def humaneval_prompts(n: int | None = None) -> list[str]:
     return [p["prompt"] for p in list(read_problems().values())[:n]]
 
 
+def acceptance_rates(drafts: float, draft_tokens: float, accepted: float, per_pos: list) -> dict:
+    """Derived acceptance figures from vLLM's spec-decode counters.
+
+    - mean_accepted_length = 1 + accepted / drafts (tokens per verification step, the bonus token included);
+    - acceptance_rate = accepted / draft tokens, over all drafts 1..K;
+    - acceptance_rate_after_first = the same over drafts 2..K only: (accepted - accepted at position 1) /
+      (draft tokens - drafts). SDSAT's draft 1 is the target's own next token, accepted (greedy) always, so
+      this is the rate of its adaptive drafts alone, the fair figure to set beside other methods' rates.
+    """
+    rest = draft_tokens - drafts
+    return {"mean_accepted_length": 1 + accepted / drafts if drafts else None,
+            "acceptance_rate": accepted / draft_tokens if draft_tokens else None,
+            "acceptance_rate_after_first": (accepted - per_pos[0]) / rest if per_pos and rest > 0 else None}
+
+
 def acceptance(llm) -> dict:
-    """Spec-decode counters from vLLM's metrics, and mean accepted length = 1 + accepted / drafts."""
+    """Spec-decode counters from vLLM's metrics and the figures of `acceptance_rates`."""
     m = {x.name.removeprefix("vllm:spec_decode_"): getattr(x, "values", None) or x.value
          for x in llm.get_metrics() if x.name.startswith("vllm:spec_decode")}
-    drafts = m.get("num_drafts", 0)
-    m["mean_accepted_length"] = 1 + m.get("num_accepted_tokens", 0) / drafts if drafts else None
-    return m
+    return m | acceptance_rates(m.get("num_drafts", 0), m.get("num_draft_tokens", 0), m.get("num_accepted_tokens", 0),
+                                list(m.get("num_accepted_tokens_per_pos") or []))
 
 
 def timed_generate(llm, prompts, params, batch_size: int = 1, bar=None):
@@ -68,3 +84,18 @@ def shutdown(llm) -> None:
             core.shutdown()
         except Exception:  # noqa: BLE001 - best effort; the process exits with the driver anyway
             pass
+
+
+@contextmanager
+def running_engine(**llm_kwargs):
+    """`vllm.LLM(**llm_kwargs)`, shut down when the block ends, also by an exception: a failed command then
+    leaves no engine process behind to log its own exit after the command has reported."""
+    from vllm import LLM
+
+    llm = LLM(**llm_kwargs)
+    try:
+        yield llm
+    finally:
+        shutdown(llm)
+        del llm
+        gc.collect()

@@ -11,11 +11,10 @@ are identical to plain decoding).
 """
 from __future__ import annotations
 
-import gc
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from vllm_sdsat.bench.engine import shutdown
+from vllm_sdsat.bench.engine import running_engine
 from vllm_sdsat.config import SdsatConfig
 
 STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]  # the Codex paper's HumanEval stop sequences
@@ -31,14 +30,12 @@ def check_models(base_model: str, sdsat_model: str) -> SdsatConfig:
 
 def generate(model: str, prompts: list[str], speculative_config: dict | None, max_tokens: int, dtype: str,
              max_model_len: int) -> list[str]:
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
-    llm = LLM(model=model, speculative_config=speculative_config, dtype=dtype, max_model_len=max_model_len,
-              seed=0, enable_prefix_caching=False)
-    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, stop=STOP), use_tqdm=False)
-    shutdown(llm)
-    del llm
-    gc.collect()
+    with running_engine(model=model, speculative_config=speculative_config, dtype=dtype,
+                        max_model_len=max_model_len, seed=0, enable_prefix_caching=False) as llm:
+        outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, stop=STOP),
+                               use_tqdm=False)
     return [o.outputs[0].text for o in outputs]
 
 

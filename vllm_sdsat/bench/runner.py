@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -10,8 +9,8 @@ import statistics
 import time
 from pathlib import Path
 
-from vllm_sdsat.bench.engine import (acceptance, engine_peak_rss_mib, humaneval_prompts, kv_capacity, shutdown,
-                                    timed_generate)
+from vllm_sdsat.bench.engine import (acceptance, acceptance_rates, engine_peak_rss_mib, humaneval_prompts, kv_capacity,
+                                    running_engine, timed_generate)
 from vllm_sdsat.bench.methods import NGRAM_LOOKUP, EngineSpec
 from vllm_sdsat.console import console
 
@@ -24,7 +23,8 @@ def median_spread(values: list[float]) -> dict:
 
 
 def spec_delta(before: dict, after: dict) -> dict:
-    """Spec-decode counters over a cell (after - before), with the derived acceptance figures."""
+    """Spec-decode counters over a cell (after - before), with the derived acceptance figures
+    (`acceptance_rates`, and the acceptance rate per draft position)."""
     def get(m, key):
         return m.get(key) or 0
     drafts = get(after, "num_drafts") - get(before, "num_drafts")
@@ -34,9 +34,7 @@ def spec_delta(before: dict, after: dict) -> dict:
     pb += [0] * (len(pa) - len(pb))
     per_pos = [a - b for a, b in zip(pa, pb)]
     return {"num_drafts": drafts, "num_draft_tokens": draft_tokens, "num_accepted_tokens": accepted,
-            "num_accepted_tokens_per_pos": per_pos,
-            "mean_accepted_length": 1 + accepted / drafts if drafts else None,
-            "acceptance_rate": accepted / draft_tokens if draft_tokens else None,
+            "num_accepted_tokens_per_pos": per_pos, **acceptance_rates(drafts, draft_tokens, accepted, per_pos),
             "acceptance_rate_per_pos": [a / drafts for a in per_pos] if drafts else []}
 
 
@@ -55,7 +53,7 @@ def cell_list(temperatures: list[float], batch_sizes: list[int], sampling_batch_
 
 
 def run_bench(opts: argparse.Namespace, specs: list[EngineSpec], skipped: dict) -> dict:
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     prompts = humaneval_prompts(opts.prompts)
     cells = cell_list(opts.temperatures, opts.batch_sizes, opts.sampling_batch_sizes)
@@ -66,52 +64,50 @@ def run_bench(opts: argparse.Namespace, specs: list[EngineSpec], skipped: dict) 
         bar.set_postfix_str(f"{spec.label}: starting engine")
         start = time.perf_counter()
         max_batch = max(b for _, b in cells)
-        llm = LLM(model=opts.model, speculative_config=spec.speculative_config, dtype=opts.dtype,
-                  max_model_len=opts.max_model_len, disable_log_stats=False, seed=0, enable_prefix_caching=False,
-                  enforce_eager=opts.enforce_eager, **({"max_num_seqs": max_batch} if max_batch > 256 else {}))
-        engine = {"method": spec.method, "k": spec.k, "speculative_config": spec.speculative_config, **spec.notes,
-                  "start_s": time.perf_counter() - start, **kv_capacity(llm)}
-        for temperature, batch in cells:
-            bar.set_postfix_str(f"{spec.label} T={temperature} batch={batch}")
-            sampling = dict(temperature=temperature, top_p=opts.top_p if temperature > 0 else 1.0)
-            requests = [prompts[i % len(prompts)] for i in range(max(len(prompts), batch))]
-            llm.generate(requests[:batch], SamplingParams(max_tokens=8, **sampling), use_tqdm=False)  # warm-up
-            before, reps, identical = acceptance(llm), [], None
-            for r in range(opts.repeats):
-                t0 = time.perf_counter()
-                outputs, tok_s, _ = timed_generate(llm, requests, SamplingParams(max_tokens=opts.max_tokens,
-                                                                                 **sampling), batch)
-                ttft = [o.metrics.first_token_latency * 1000 for o in outputs
-                        if getattr(getattr(o, "metrics", None), "first_token_latency", None)]
-                reps.append({"tok_s": tok_s, "elapsed_s": time.perf_counter() - t0,
-                             "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
-                             "ttft_ms_mean": statistics.fmean(ttft) if ttft else None,
-                             "ttft_ms_median": statistics.median(ttft) if ttft else None})
-                if r == 0 and temperature == 0:
-                    ids = [list(o.outputs[0].token_ids) for o in outputs]
-                    if spec.method == "none":
-                        greedy_ref[batch] = ids
-                    elif batch in greedy_ref:
-                        identical = sum(a == b for a, b in zip(ids, greedy_ref[batch]))
-                bar.update()
-            results["runs"].append({
-                "label": spec.label, "method": spec.method, "k": spec.k, "temperature": temperature,
-                "top_p": sampling["top_p"], "batch_size": batch, "requests": len(requests),
-                "max_tokens": opts.max_tokens, "repeats": reps,
-                "tok_s": median_spread([x["tok_s"] for x in reps]),
-                "ttft_ms": median_spread([x["ttft_ms_mean"] for x in reps]),
-                "spec": spec_delta(before, acceptance(llm)) if spec.speculative_config else None,
-                "identical_to_none": identical,
-                "peak_rss_mib": engine_peak_rss_mib(), "kv_capacity_tokens": engine["kv_capacity_tokens"]})
-        engine["peak_rss_mib"] = engine_peak_rss_mib()
-        results["engines"][spec.label] = engine
-        if getattr(opts, "partial_json", None):  # so an interrupted run keeps the engines it finished
-            Path(opts.partial_json).parent.mkdir(parents=True, exist_ok=True)
-            Path(opts.partial_json).write_text(json.dumps(results, indent=1) + "\n")
-        bar.set_postfix_str(f"{spec.label}: stopping engine")
-        shutdown(llm)
-        del llm
-        gc.collect()
+        with running_engine(model=opts.model, speculative_config=spec.speculative_config, dtype=opts.dtype,
+                            max_model_len=opts.max_model_len, disable_log_stats=False, seed=0,
+                            enable_prefix_caching=False, enforce_eager=opts.enforce_eager,
+                            **({"max_num_seqs": max_batch} if max_batch > 256 else {})) as llm:
+            engine = {"method": spec.method, "k": spec.k, "speculative_config": spec.speculative_config, **spec.notes,
+                      "start_s": time.perf_counter() - start, **kv_capacity(llm)}
+            for temperature, batch in cells:
+                bar.set_postfix_str(f"{spec.label} T={temperature} batch={batch}")
+                sampling = dict(temperature=temperature, top_p=opts.top_p if temperature > 0 else 1.0)
+                requests = [prompts[i % len(prompts)] for i in range(max(len(prompts), batch))]
+                llm.generate(requests[:batch], SamplingParams(max_tokens=8, **sampling), use_tqdm=False)  # warm-up
+                before, reps, identical = acceptance(llm), [], None
+                for r in range(opts.repeats):
+                    t0 = time.perf_counter()
+                    outputs, tok_s, _ = timed_generate(llm, requests, SamplingParams(max_tokens=opts.max_tokens,
+                                                                                     **sampling), batch)
+                    ttft = [o.metrics.first_token_latency * 1000 for o in outputs
+                            if getattr(getattr(o, "metrics", None), "first_token_latency", None)]
+                    reps.append({"tok_s": tok_s, "elapsed_s": time.perf_counter() - t0,
+                                 "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
+                                 "ttft_ms_mean": statistics.fmean(ttft) if ttft else None,
+                                 "ttft_ms_median": statistics.median(ttft) if ttft else None})
+                    if r == 0 and temperature == 0:
+                        ids = [list(o.outputs[0].token_ids) for o in outputs]
+                        if spec.method == "none":
+                            greedy_ref[batch] = ids
+                        elif batch in greedy_ref:
+                            identical = sum(a == b for a, b in zip(ids, greedy_ref[batch]))
+                    bar.update()
+                results["runs"].append({
+                    "label": spec.label, "method": spec.method, "k": spec.k, "temperature": temperature,
+                    "top_p": sampling["top_p"], "batch_size": batch, "requests": len(requests),
+                    "max_tokens": opts.max_tokens, "repeats": reps,
+                    "tok_s": median_spread([x["tok_s"] for x in reps]),
+                    "ttft_ms": median_spread([x["ttft_ms_mean"] for x in reps]),
+                    "spec": spec_delta(before, acceptance(llm)) if spec.speculative_config else None,
+                    "identical_to_none": identical,
+                    "peak_rss_mib": engine_peak_rss_mib(), "kv_capacity_tokens": engine["kv_capacity_tokens"]})
+            engine["peak_rss_mib"] = engine_peak_rss_mib()
+            results["engines"][spec.label] = engine
+            if getattr(opts, "partial_json", None):  # so an interrupted run keeps the engines it finished
+                Path(opts.partial_json).parent.mkdir(parents=True, exist_ok=True)
+                Path(opts.partial_json).write_text(json.dumps(results, indent=1) + "\n")
+            bar.set_postfix_str(f"{spec.label}: stopping engine")
     bar.close()
     add_speedups(results["runs"])
     return results

@@ -124,8 +124,10 @@ class AdaptiveSpanCollator:
 
     Batch: input_ids, position_ids (B, T); attention_mask (B, 1, T, T) bool, see attention_bias();
     real_labels, adaptive_labels (B, T), explicit (already shifted), IGNORE where a position has no
-    loss of that kind. Randomness comes from one seeded generator: use dataloader_num_workers=0
-    (the Trainer default) for reproducible, non-duplicated spans.
+    loss of that kind. Examples with an "index" (train.py adds it) draw their spans from a generator
+    seeded by (seed, epoch, index): the same spans whatever the ranks, workers or a resumption, and new
+    ones each epoch (`epoch` is set by the trainer). Others share one seeded generator: use
+    dataloader_num_workers=0 (the Trainer default) for reproducible, non-duplicated spans.
     """
 
     def __init__(self, adaptive_token_ids, max_adaptive: int, spans_per_seq: float = 8.0,
@@ -141,6 +143,7 @@ class AdaptiveSpanCollator:
             raise SdsatConfigError("sdsat: adaptive_token_ids is empty; give at least one token id")
         self.slot_ids = [ids[min(j, len(ids) - 1)] for j in range(max_adaptive)]
         self.max_adaptive, self.spans_per_seq, self.method, self.pad_id = max_adaptive, spans_per_seq, method, pad_id
+        self.seed, self.epoch = seed, 0
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, examples: list[dict]) -> dict:
@@ -154,16 +157,17 @@ class AdaptiveSpanCollator:
     def spans(self, ex: dict) -> list[tuple[int, list[int]]]:
         """[(anchor i, labels of slots 1..l)] for one example."""
         x, L = list(ex["input_ids"]), self.max_adaptive
+        rng = np.random.default_rng([self.seed, self.epoch, ex["index"]]) if "index" in ex else self.rng
         if len(x) < L + 2:
             raise SdsatConfigError(f"sdsat: a sequence of {len(x)} tokens is shorter than a span: it needs "
                                    f"at least L + 2 = {L + 2} tokens (raise the sequence length or lower L)")
         if "anchors" in ex:
             if self.method != "sdsat":
                 raise SdsatConfigError("sdsat: self-distilled labels need method 'sdsat'")
-            lengths = self.rng.integers(1, L + 1, size=len(ex["anchors"]))
+            lengths = rng.integers(1, L + 1, size=len(ex["anchors"]))
             return [(a, list(g[:l])) for a, g, l in zip(ex["anchors"], ex["greedy"], lengths.tolist())]
-        anchors = sample_anchors(self.rng, len(x) - 2, self.spans_per_seq)
-        lengths = self.rng.integers(1, L + 1, size=len(anchors)).tolist()
+        anchors = sample_anchors(rng, len(x) - 2, self.spans_per_seq)
+        lengths = rng.integers(1, L + 1, size=len(anchors)).tolist()
         spans, free_from = [], 0
         for a, l in zip(anchors, lengths):
             l = min(l, len(x) - 2 - a)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_sdsat.config import SdsatConfig
-from vllm_sdsat.training.train import greedy_at_anchors
+from vllm_sdsat.training.self_distill import greedy_at_anchors
 
 
 @torch.inference_mode()

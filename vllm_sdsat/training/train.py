@@ -7,33 +7,25 @@ Being a plain `Trainer`, it runs unchanged under accelerate / torchrun / DeepSpe
 TrainingArguments with --training-arg KEY=VALUE. The output is a normal checkpoint (model, tokenizer)
 whose config.json carries the `sdsat` block that inference reads.
 
---labels self (self-distillation): adaptive slots learn the base model's own greedy continuation,
-which is exactly what greedy verification accepts. Before training, the frozen base model decodes
-L + 1 greedy tokens after every span anchor of every training sequence; the labels are cached on
-disk (keyed by model files, data and settings) and reused by later runs. Real tokens keep learning
-the data, never generated text. Cost: about one forward pass over the training data, plus L decode
-steps of one token per anchor; a tqdm bar shows it.
+--labels self (self-distillation) and --self-contexts F: see self_distill.py. The generation is
+sharded over the ranks of a distributed run; every rank then loads all shards.
 
---self-contexts F (with --labels self): in a fraction F of the sequences, everything after the first
---context-prompt-len tokens is replaced by the base model's own greedy continuation, generated once
-and cached like the labels. At inference the drafts follow the model's own output, not human code;
-these sequences put the adaptive slots in that context during training. Real-token loss stays on
-the real prompt part only. Cost: (seq_len - prompt_len) decode steps per chosen sequence.
+Checkpoints: --save-steps N writes OUT/checkpoint-N every N steps (optimizer, scheduler, RNG states
+and the step); --resume continues from the last one in OUT (or from a given checkpoint folder).
 """
 from __future__ import annotations
 
 import argparse
 import glob
-import hashlib
 import json
+import math
 from collections import defaultdict
 from itertools import chain
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from datasets import Dataset, Features, Sequence, Value, load_dataset
+from datasets import Dataset, load_dataset
 from safetensors.torch import load_file, save_file
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback,
                           TrainingArguments)
@@ -41,7 +33,9 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Train
 from vllm_sdsat.config import SdsatConfig, SdsatConfigError
 from vllm_sdsat.console import console
 from vllm_sdsat.paths import CACHE_DIR
-from vllm_sdsat.training.data import IGNORE, METHODS, AdaptiveSpanCollator, attention_bias, forward_inputs, sample_anchors
+from vllm_sdsat.training.data import IGNORE, METHODS, AdaptiveSpanCollator, forward_inputs
+from vllm_sdsat.training.self_distill import (distill_cache_file, greedy_at_anchors, self_contexts,  # noqa: F401
+                                              self_distill)
 
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # any other suffix: plain text
 
@@ -80,123 +74,6 @@ def load_chunks(path: str, tokenizer, seq_len: int, data_format: str = "auto", c
     if len(chunks) == 0:
         raise SdsatConfigError(f"data: {path} holds fewer than --seq-len {seq_len} tokens")
     return chunks
-
-
-@torch.inference_mode()
-def greedy_at_anchors(model, input_ids: torch.Tensor, anchors: list[list[int]], steps: int) -> list[list[list[int]]]:
-    """For every anchor a of row b: the greedy continuation (steps + 1 tokens) of input_ids[b, :a + 1].
-
-    One cached forward pass over the rows, then `steps` passes of one token per anchor. Each anchor's
-    continuation is a branch that sees its own prefix and its own earlier tokens (the span mask of
-    data.py, greedy tokens in place of adaptive ones), so all branches decode at once.
-    Cost: about one forward pass over input_ids plus steps * (number of anchors) one-token queries.
-    """
-    device = model.device
-    B, n = input_ids.shape
-    S = max(1, max(len(a) for a in anchors))
-    anchor = torch.tensor([a + [0] * (S - len(a)) for a in anchors], device=device)  # padded anchors: ignored
-    keep = torch.unique(anchor)
-    out = model(input_ids=input_ids.to(device), use_cache=True, logits_to_keep=keep)
-    token = out.logits.argmax(-1).gather(1, torch.searchsorted(keep, anchor))
-    tokens, cache = [token], out.past_key_values
-    sees_prefix = torch.arange(n, device=device) <= anchor[..., None]  # (B, S, n)
-    sees_own = torch.eye(S, dtype=torch.bool, device=device).expand(B, S, S)  # one block per decoded step
-    for t in range(1, steps + 1):
-        mask = torch.cat([sees_prefix] + [sees_own] * t, dim=-1)[:, None]
-        out = model(input_ids=token, position_ids=anchor + t, attention_mask=attention_bias(mask, model.dtype),
-                    past_key_values=cache, use_cache=True)
-        token = out.logits.argmax(-1)
-        tokens.append(token)
-    greedy = torch.stack(tokens, dim=-1).tolist()
-    return [row[:len(a)] for row, a in zip(greedy, anchors)]
-
-
-@torch.inference_mode()
-def greedy_continuation(model, prompts: torch.Tensor, steps: int) -> torch.Tensor:
-    """(B, steps) greedy tokens after equal-length prompts (B, P), with a KV cache; EOS does not stop it."""
-    out = model(input_ids=prompts.to(model.device), use_cache=True, logits_to_keep=1)
-    tokens = [out.logits[:, -1].argmax(-1, keepdim=True)]
-    for _ in range(steps - 1):
-        out = model(input_ids=tokens[-1], past_key_values=out.past_key_values, use_cache=True)
-        tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
-    return torch.cat(tokens, dim=1).cpu()
-
-
-def self_contexts(chunks: Dataset, model, fraction: float, prompt_len: int, seed: int, cache_file: Path,
-                  batch_size: int = 8, bf16: bool = False) -> Dataset:
-    """In a `fraction` of the sequences (drawn per index), replace the tokens after the first
-    prompt_len by the model's greedy continuation of those prompt_len tokens. Adds the column
-    `real_until`: how many leading tokens are data (the whole sequence where nothing was replaced).
-
-    Runs like self_distill: frozen model, batched, tqdm bar, cached as an Arrow file at cache_file.
-    """
-    def continue_some(batch, indices):
-        rows = [list(x) for x in batch["input_ids"]]
-        chosen = [b for b, i in enumerate(indices) if np.random.default_rng([seed, i, 1]).random() < fraction]
-        real_until = [len(x) for x in rows]
-        if chosen:
-            prompts = torch.tensor([rows[b][:prompt_len] for b in chosen])
-            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
-                tails = greedy_continuation(model, prompts, len(rows[chosen[0]]) - prompt_len)
-            for b, tail in zip(chosen, tails.tolist()):
-                rows[b][prompt_len:] = tail
-                real_until[b] = prompt_len
-        return {"input_ids": rows, "real_until": real_until}
-
-    features = Features({**chunks.features, "real_until": Value("int32")})
-    return map_with_frozen_model(chunks, continue_some, model, features, cache_file, batch_size,
-                                 "self-contexts: greedy continuations")
-
-
-def self_distill(chunks: Dataset, model, max_adaptive: int, spans_per_seq: float, seed: int, cache_file: Path,
-                 batch_size: int = 8, bf16: bool = False) -> Dataset:
-    """Add columns `anchors` (Poisson(spans_per_seq) uniform anchors per sequence) and `greedy`
-    (per anchor, the model's greedy tokens x^_{a+2}..x^_{a+1+L}: the labels of slots 1..L).
-
-    Runs the model (frozen, eval mode, bf16 autocast if asked) once over the data, batched, with a
-    progress bar; the result is an Arrow file at cache_file, loaded instead when it already exists.
-    """
-    def add_labels(batch, indices):
-        anchors = [sample_anchors(np.random.default_rng([seed, i]), len(x), spans_per_seq)
-                   for i, x in zip(indices, batch["input_ids"])]
-        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
-            greedy = greedy_at_anchors(model, torch.tensor(batch["input_ids"]), anchors, max_adaptive)
-        return {"anchors": anchors, "greedy": [[g[1:] for g in row] for row in greedy]}
-
-    features = Features({**chunks.features, "anchors": Sequence(Value("int32")),
-                         "greedy": Sequence(Sequence(Value("int32")))})
-    return map_with_frozen_model(chunks, add_labels, model, features, cache_file, batch_size,
-                                 "self-distillation: greedy labels")
-
-
-def map_with_frozen_model(chunks: Dataset, fn, model, features: Features, cache_file: Path, batch_size: int,
-                          desc: str) -> Dataset:
-    """chunks.map(fn) in batches with indices, the model in eval mode, cached as an Arrow file."""
-    was_training = model.training
-    model.eval()
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    with console.bar(total=len(chunks), desc=desc, unit="seq") as bar:
-        def fn_with_progress(batch, indices):
-            out = fn(batch, indices)
-            bar.update(len(indices))
-            return out
-
-        out = chunks.map(fn_with_progress, batched=True, batch_size=batch_size, with_indices=True,
-                         features=features, cache_file_name=str(cache_file), new_fingerprint=cache_file.stem,
-                         desc=desc)
-    model.train(was_training)
-    return out
-
-
-def distill_cache_file(cache_dir: Path, model_path: str, chunks: Dataset, args, kind: str = "distill") -> Path:
-    """Cache file named by a hash of the model's files (name, size, mtime), the data and the settings."""
-    model_dir = Path(model_path)
-    files = sorted(model_dir.iterdir()) if model_dir.is_dir() else []
-    key = [str(model_dir.resolve()) if files else model_path,
-           [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()],
-           chunks._fingerprint, args.max_adaptive, args.spans_per_seq, args.seed, args.bf16, args.self_contexts,
-           args.context_prompt_len]
-    return cache_dir / f"{kind}-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20]}.arrow"
 
 
 def masked_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -257,6 +134,23 @@ class ConsoleProgress(TrainerCallback):
             self.bar.close()
 
 
+class SpanEpoch(TrainerCallback):
+    """Tells the collator the epoch, so an example's spans differ between epochs but not between a run and
+    its resumption (its seed is (seed, epoch, example index), not a running generator)."""
+
+    def __init__(self, collator: AdaptiveSpanCollator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.collator.epoch = int(state.epoch or 0)
+
+
+def barrier() -> None:
+    """Wait for every rank of a distributed run (a no-op in a single process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def add_adaptive_rows(model, tokenizer, count: int) -> list[int]:
     """Add `count` new special tokens <|sdsat_adaptive_j|> and embedding rows for them; their ids."""
     names = [f"<|sdsat_adaptive_{j}|>" for j in range(count)]
@@ -282,13 +176,18 @@ def build_trainer(args: argparse.Namespace) -> tuple[SdsatTrainer, SdsatConfig]:
         raise SdsatConfigError(f"sdsat: --seq-len {args.seq_len} is shorter than a span: it needs at least "
                                f"L + 2 = {args.max_adaptive + 2} tokens")
     SdsatConfig((0,), args.max_adaptive, args.num_speculative_tokens)  # checks L and K before loading anything
+    if not 0 <= args.warmup_ratio < 1:
+        raise SdsatConfigError(f"sdsat: --warmup-ratio is a fraction in [0, 1), got {args.warmup_ratio}")
     targs = TrainingArguments(**{
         "output_dir": args.output, "max_steps": args.max_steps, "per_device_train_batch_size": args.batch_size,
         "gradient_accumulation_steps": args.grad_accum, "learning_rate": args.lr, "lr_scheduler_type": "cosine",
-        "warmup_steps": 0.05, "bf16": args.bf16, "use_cpu": not torch.accelerator.is_available(),
-        "dataloader_pin_memory": torch.accelerator.is_available(),
-        "logging_steps": args.logging_steps, "save_strategy": "no", "report_to": "none", "seed": args.seed,
-        "remove_unused_columns": False, "disable_tqdm": True, **dict(args.training_arg or [])})
+        # whole steps: a float warmup_steps is a ratio only on transformers >= 5 (4.x reads 0.05 as 0.05 steps)
+        "warmup_steps": math.ceil(args.warmup_ratio * args.max_steps), "bf16": args.bf16,
+        "use_cpu": not torch.accelerator.is_available(), "dataloader_pin_memory": torch.accelerator.is_available(),
+        "logging_steps": args.logging_steps, "report_to": "none", "seed": args.seed,
+        "save_strategy": "steps" if args.save_steps else "no", "save_steps": args.save_steps or 500,
+        "save_total_limit": args.save_total_limit, "remove_unused_columns": False, "disable_tqdm": True,
+        **dict(args.training_arg or [])})
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation=args.attn)
     vocab = model.get_input_embeddings().num_embeddings
@@ -296,28 +195,31 @@ def build_trainer(args: argparse.Namespace) -> tuple[SdsatTrainer, SdsatConfig]:
         raise SdsatConfigError(f"sdsat: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary "
                                f"only {vocab}: they do not belong together")
     ids = args.adaptive_token_ids or add_adaptive_rows(model, tokenizer, args.resize_embeddings)
-    cfg = SdsatConfig(tuple(ids), args.max_adaptive, args.num_speculative_tokens)
-    cfg.check_vocab(model.get_input_embeddings().num_embeddings)
-    with targs.main_process_first(desc="tokenize and self-distill"):
+    cfg = SdsatConfig.resolve(None, {"adaptive_token_ids": ids, "max_adaptive_tokens": args.max_adaptive,
+                                     "num_speculative_tokens": args.num_speculative_tokens},
+                              model.get_input_embeddings().num_embeddings, source=args.model)
+    with targs.main_process_first(desc="tokenize"):
         chunks = load_chunks(args.data, tokenizer, args.seq_len, args.data_format, args.cache_dir)
-        console.print(f"sdsat train: {len(chunks)} sequences of {args.seq_len} tokens")
-        if args.labels == "self":
-            needed = args.max_steps * targs.train_batch_size * targs.gradient_accumulation_steps * targs.world_size
-            if len(chunks) > needed:  # distill only what training will read
-                chunks = chunks.shuffle(seed=args.seed).select(range(needed))
-            cache_dir = Path(args.cache_dir or CACHE_DIR)
-            if args.self_contexts:
-                chunks = self_contexts(chunks, model.to(targs.device), args.self_contexts, args.context_prompt_len,
-                                       args.seed, distill_cache_file(cache_dir, args.model, chunks, args, "contexts"),
-                                       args.distill_batch_size, args.bf16)
-            cache_file = distill_cache_file(cache_dir, args.model, chunks, args)
-            chunks = self_distill(chunks, model.to(targs.device), args.max_adaptive, args.spans_per_seq, args.seed,
-                                  cache_file, args.distill_batch_size, args.bf16)
+    console.print(f"sdsat train: {len(chunks)} sequences of {args.seq_len} tokens")
+    if args.labels == "self":
+        needed = args.max_steps * targs.train_batch_size * targs.gradient_accumulation_steps * targs.world_size
+        if len(chunks) > needed:  # distill only what training will read
+            chunks = chunks.shuffle(seed=args.seed).select(range(needed))
+        cache_dir = Path(args.cache_dir or CACHE_DIR)
+        shards = {"rank": targs.process_index, "world": targs.world_size, "barrier": barrier}  # each rank its share
+        if args.self_contexts:
+            chunks = self_contexts(chunks, model.to(targs.device), args.self_contexts, args.context_prompt_len,
+                                   args.seed, distill_cache_file(cache_dir, args.model, chunks, args, "contexts"),
+                                   args.distill_batch_size, args.bf16, **shards)
+        cache_file = distill_cache_file(cache_dir, args.model, chunks, args)
+        chunks = self_distill(chunks, model.to(targs.device), args.max_adaptive, args.spans_per_seq, args.seed,
+                              cache_file, args.distill_batch_size, args.bf16, **shards)
+    chunks = chunks.add_column("index", list(range(len(chunks))))  # per-example span seeds (data.py)
     collator = AdaptiveSpanCollator(cfg.adaptive_token_ids, args.max_adaptive, args.spans_per_seq, args.method,
                                     tokenizer.pad_token_id or 0, args.seed)
     trainer = SdsatTrainer(model=model, args=targs, train_dataset=chunks, data_collator=collator,
                            processing_class=tokenizer, adaptive_weight=args.adaptive_weight,
-                           callbacks=[ConsoleProgress()])
+                           callbacks=[ConsoleProgress(), SpanEpoch(collator)])
     return trainer, cfg
 
 
@@ -348,8 +250,13 @@ def save(trainer: SdsatTrainer, args: argparse.Namespace, cfg: SdsatConfig) -> P
 
 
 def run(args: argparse.Namespace) -> Path:
+    resume = args.resume
+    if resume == "last" and not list(Path(args.output).glob("checkpoint-*")):
+        raise SdsatConfigError(f"sdsat: --resume: no checkpoint-* folder in {args.output} to resume from")
+    if resume not in (None, "last") and not Path(resume).is_dir():
+        raise SdsatConfigError(f"sdsat: --resume: no checkpoint folder at {resume}")
     trainer, cfg = build_trainer(args)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
     return save(trainer, args, cfg)
 
 
@@ -393,6 +300,11 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
       help="dtype of the saved weights (auto: the base model's)")
     a("--cache-dir", help=f"datasets and self-distillation cache (default {CACHE_DIR} and datasets' own)")
     a("--distill-batch-size", type=int, default=8)
+    a("--warmup-ratio", type=float, default=0.05, help="linear warmup over this fraction of --max-steps")
+    a("--save-steps", type=int, default=0, metavar="N", help="write OUT/checkpoint-N every N steps (0: none)")
+    a("--save-total-limit", type=int, default=None, metavar="M", help="keep only the last M checkpoints")
+    a("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
+      help="continue from the last checkpoint in --output, or from the given checkpoint folder")
     a("--logging-steps", type=int, default=10)
     a("--seed", type=int, default=0)
     a("--training-arg", type=key_value, action="append", metavar="KEY=VALUE",

@@ -1,22 +1,35 @@
-"""Hook: run the SDSAT draft pass on the target model, in the target's own paged KV blocks.
+"""Hook: run the SDSAT draft pass on the target model, on the device, in the target's own paged KV blocks.
 
-Written against vLLM 0.32 (`GPUModelRunner.propose_draft_token_ids`, `v1/worker/gpu_model_runner.py`;
-the CPU runner subclasses it).
+Written against vLLM 0.32 (`GPUModelRunner.sample_tokens`, which calls `_bookkeeping_sync` and then
+`propose_draft_token_ids`, `v1/worker/gpu_model_runner.py`; the CPU runner subclasses it).
 
-vLLM's `custom_class` branch hands a proposer only token ids. SDSAT needs the runner itself: the
-target model, its block table and attention metadata builders. This hook routes the call for an
-`SdsatProposer` through `TargetDraftPass`, which is the whole vLLM-facing surface the proposer sees:
-which requests have a fresh token, and a forward of given tokens at given positions that writes KV
-into those requests' own blocks and returns logits.
+vLLM's `custom_class` branch hands a proposer host lists of sampled ids after bookkeeping; under
+async scheduling those lists are empty and the host's token counts hold placeholders. SDSAT instead
+drafts the way vLLM's on-device drafters (EAGLE, draft model) do, with no host sync:
+- before bookkeeping, vLLM's `prepare_next_token_ids_padded` finds each row's next token t0 in the
+  device tensor of sampled ids (-1 = rejected), and `_copy_valid_sampled_token_count` hands it to the
+  next step, which async bookkeeping requires;
+- the draft pass then runs on `TargetDraftPass`, the whole vLLM-facing surface the proposer sees:
+  t0 and its position per row, and a forward of given tokens at given positions that writes KV into
+  the rows' own blocks and returns logits;
+- drafts go back as a [num_reqs, K] device tensor; vLLM copies them to the host only when its
+  scheduler needs them.
 """
+import dataclasses
+
 import torch
 from vllm.forward_context import set_forward_context
 from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
+from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
+from vllm.v1.spec_decode.utils import PADDING_SLOT_ID
+from vllm.v1.utils import CpuGpuBuffer
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vllm_sdsat.config import SdsatConfigError
 
-_original = GPUModelRunner.propose_draft_token_ids
+_original_bookkeeping = GPUModelRunner._bookkeeping_sync
+_original_propose = GPUModelRunner.propose_draft_token_ids
 
 
 class TargetDraftPass:
@@ -31,51 +44,77 @@ class TargetDraftPass:
         if block_table.dcp_world_size > 1 or block_table.pcp_world_size > 1:
             raise SdsatConfigError("sdsat: context parallelism is not supported")
         self.runner = runner
-        self.block_table = block_table
+        self.block_size = block_table.block_size
         self.layer_names = groups[0].layer_names
         # Chunk the draft pass so it never exceeds what the runner's buffers were sized for.
         self.max_tokens = runner.scheduler_config.max_num_batched_tokens
+        # Metadata builders of our own: the target's may keep persistent buffers that the next step's
+        # input preparation rewrites while this pass is still queued on the device.
+        self.attn_groups = []
+        for group in runner.attn_groups[0]:
+            own = dataclasses.replace(group, metadata_builders=[], kernel_block_table=None,
+                                      kernel_block_offsets=None)
+            own.create_metadata_builders(runner.vllm_config, runner.device, kernel_block_size=group.kernel_block_size)
+            self.attn_groups.append(own)
+        # Read by vLLM's `prepare_next_token_ids_padded`: the token a discarded row would continue with.
+        self.backup_next_token_ids = CpuGpuBuffer(runner.max_num_reqs, dtype=torch.int32, device=runner.device,
+                                                  with_numpy=True)
+        self.next_token_ids: torch.Tensor | None = None
+        self.valid_counts: torch.Tensor | None = None
 
-    def fresh_tokens(self, sampled_token_ids: list[list[int]]):
-        """Batch rows that sampled a token this step, that token t0, and t0's position."""
-        rows = [i for i, toks in enumerate(sampled_token_ids) if toks]
-        t0 = [sampled_token_ids[i][-1] for i in rows]
-        positions = self.runner.input_batch.num_tokens_no_spec[rows] - 1
-        return rows, t0, positions
+    def take_sampled(self, sampled_token_ids: torch.Tensor) -> None:
+        """Record each row's last valid sampled token and its count of valid sampled tokens (0 where
+        the sample is discarded: rows still mid-prefill), on the device, and pass them to the runner's
+        next step. Costs two small kernels and a host loop over the rows."""
+        runner = self.runner
+        self.next_token_ids, self.valid_counts = SpecDecodeBaseProposer.prepare_next_token_ids_padded(
+            self, sampled_token_ids, runner.requests, runner.input_batch, runner.discard_request_mask.gpu)
+        runner._copy_valid_sampled_token_count(self.next_token_ids, self.valid_counts)
+
+    def fresh_tokens(self, common: CommonAttentionMetadata, spec: SpecDecodeMetadata | None):
+        """Per batch row: t0, its position, and whether the row is discarded (drafts nothing).
+
+        The verification step fed `m` drafts after the previous token, so its seq_len counts m+1 new
+        positions; t0 follows the `valid - 1` accepted drafts: position = seq_len - m - 1 + valid."""
+        n = self.next_token_ids.shape[0]
+        cu = None if spec is None else spec.cu_num_draft_tokens
+        num_drafts = 0 if cu is None else cu.diff(prepend=cu.new_zeros(1))
+        positions = common.seq_lens[:n] - num_drafts - 1 + self.valid_counts
+        return self.next_token_ids, positions.long(), self.valid_counts == 0
 
     @torch.inference_mode()
-    def forward(self, rows: list[int], input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Logits for `input_ids` [len(rows), q] at `positions` [len(rows), q], row i of the batch
-        attending to its own cached context. KV is written to the rows' own blocks."""
-        q = input_ids.shape[1]
+    def forward(self, common: CommonAttentionMetadata, input_ids: torch.Tensor, positions: torch.Tensor,
+                discarded: torch.Tensor) -> torch.Tensor:
+        """Logits for `input_ids` [n, q] at `positions` [n, q], batch row i attending to its own cached
+        context (`common`: the verification step's attention metadata). KV is written to the rows' own
+        blocks, except for `discarded` rows, which write none."""
+        n, q = input_ids.shape
         per_chunk = max(1, self.max_tokens // q)
-        out = [self._forward_chunk(rows[s:s + per_chunk], input_ids[s:s + per_chunk], positions[s:s + per_chunk])
-               for s in range(0, len(rows), per_chunk)]
+        out = [self._forward_chunk(common, slice(s, s + per_chunk), input_ids[s:s + per_chunk],
+                                   positions[s:s + per_chunk], discarded[s:s + per_chunk])
+               for s in range(0, n, per_chunk)]
         return torch.cat(out) if len(out) > 1 else out[0]
 
-    def _forward_chunk(self, rows, input_ids, positions):
+    def _forward_chunk(self, common, rows: slice, input_ids, positions, discarded):
         runner, device = self.runner, self.runner.device
         n_req, q = input_ids.shape
-        rows_t = torch.as_tensor(rows, dtype=torch.long, device=device)
-        positions = positions.to(device=device, dtype=torch.long)
-        bs = self.block_table.block_size
-        block_table = self.block_table.get_device_tensor(runner.input_batch.num_reqs)[rows_t]
-        block_ids = torch.gather(block_table.long(), 1, positions // bs)
-        slot_mapping = (block_ids * bs + positions % bs).reshape(-1)
-
-        seq_lens = (positions[:, -1] + 1).to(torch.int32)
-        seq_lens_cpu = seq_lens.cpu()
-        query_start_loc_cpu = torch.arange(0, (n_req + 1) * q, q, dtype=torch.int32)
+        block_table = common.block_table_tensor[rows]
+        block_ids = torch.gather(block_table.long(), 1, positions // self.block_size)
+        slot_mapping = (block_ids * self.block_size + positions % self.block_size)
+        slot_mapping = slot_mapping.masked_fill(discarded[:, None], PADDING_SLOT_ID).reshape(-1)
+        # The draft reaches at most q positions past the verification step's context; the host-side
+        # bounds follow from that step's own bounds, so nothing is read back from the device.
+        upper_bound = common.seq_lens_cpu_upper_bound
         flat_positions = positions.reshape(-1)
-        common = CommonAttentionMetadata(
-            query_start_loc=query_start_loc_cpu.to(device),
-            query_start_loc_cpu=query_start_loc_cpu,
-            seq_lens=seq_lens,
-            seq_lens_cpu_upper_bound=seq_lens_cpu,
+        draft_common = CommonAttentionMetadata(
+            query_start_loc=torch.arange(0, (n_req + 1) * q, q, dtype=torch.int32, device=device),
+            query_start_loc_cpu=torch.arange(0, (n_req + 1) * q, q, dtype=torch.int32),
+            seq_lens=(positions[:, -1] + 1).to(torch.int32),
+            seq_lens_cpu_upper_bound=None if upper_bound is None else upper_bound[rows] + q,
             num_reqs=n_req,
             num_actual_tokens=n_req * q,
             max_query_len=q,
-            max_seq_len=int(seq_lens_cpu.max()),
+            max_seq_len=common.max_seq_len + q,
             block_table_tensor=block_table,
             slot_mapping=slot_mapping,
             causal=True,
@@ -83,32 +122,48 @@ class TargetDraftPass:
             is_prefilling=torch.zeros(n_req, dtype=torch.bool, device=device),
         )
         attn_metadata = {}
-        for group in runner.attn_groups[0]:
-            md = group.build_metadata(common, 0)
-            attn_metadata.update(dict.fromkeys(group.layer_names, md))
+        for group in self.attn_groups:
+            attn_metadata.update(dict.fromkeys(group.layer_names, group.build_metadata(draft_common)))
         with set_forward_context(attn_metadata, runner.vllm_config, num_tokens=n_req * q,
                                  slot_mapping=dict.fromkeys(self.layer_names, slot_mapping)):
-            hidden = runner.model(input_ids=input_ids.reshape(-1).to(device=device, dtype=torch.int32),
-                                  positions=flat_positions, intermediate_tensors=None, inputs_embeds=None)
+            hidden = runner.model(input_ids=input_ids.reshape(-1).to(torch.int32), positions=flat_positions,
+                                  intermediate_tensors=None, inputs_embeds=None)
         return runner.model.compute_logits(hidden)
 
 
-def propose_draft_token_ids(self: GPUModelRunner, scheduler_output, sampled_token_ids, sampling_metadata,
-                            *args, **kwargs):
+def _sdsat_target(runner: GPUModelRunner) -> TargetDraftPass | None:
     from vllm_sdsat.engine.proposer import SdsatProposer
 
-    if not isinstance(getattr(self, "drafter", None), SdsatProposer):
-        return _original(self, scheduler_output, sampled_token_ids, sampling_metadata, *args, **kwargs)
-    if isinstance(sampled_token_ids, torch.Tensor):  # padded GPU path: -1 marks rejected slots
-        sampled_token_ids = [[t for t in row if t >= 0] for row in sampled_token_ids.tolist()]
-    if not hasattr(self, "_sdsat_target"):
-        self._sdsat_target = TargetDraftPass(self)
-    drafts, probs = self.drafter.propose_from_target(
-        self._sdsat_target, sampled_token_ids, sampling_metadata, self.input_batch.num_reqs)
+    if not isinstance(getattr(runner, "drafter", None), SdsatProposer):
+        return None
+    if not hasattr(runner, "_sdsat_target"):
+        runner._sdsat_target = TargetDraftPass(runner)
+    return runner._sdsat_target
+
+
+def _bookkeeping_sync(self: GPUModelRunner, scheduler_output, sampler_output, *args, **kwargs):
+    target = _sdsat_target(self)
+    if target is not None:
+        target.take_sampled(sampler_output.sampled_token_ids)
+    return _original_bookkeeping(self, scheduler_output, sampler_output, *args, **kwargs)
+
+
+def propose_draft_token_ids(self: GPUModelRunner, scheduler_output, sampled_token_ids, sampling_metadata,
+                            hidden_states, sample_hidden_states, aux_hidden_states, spec_decode_metadata,
+                            common_attn_metadata, *args, **kwargs):
+    target = _sdsat_target(self)
+    if target is None:
+        return _original_propose(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
+                                 sample_hidden_states, aux_hidden_states, spec_decode_metadata,
+                                 common_attn_metadata, *args, **kwargs)
+    # `sampled_token_ids` are the host lists of the custom_class path; `take_sampled` has read the device tensor.
+    drafts, probs = self.drafter.propose_from_target(target, common_attn_metadata, spec_decode_metadata,
+                                                     sampling_metadata)
     self._draft_probs = probs
     self._draft_prob_req_ids = None if probs is None else list(self.input_batch.req_ids)
     return drafts
 
 
 def apply() -> None:
+    GPUModelRunner._bookkeeping_sync = _bookkeeping_sync
     GPUModelRunner.propose_draft_token_ids = propose_draft_token_ids

@@ -23,7 +23,9 @@ PROMPTS = [p["prompt"] for p in list(read_problems().values())[:32]]
 
 
 def make_llm(spec=None, model=SDSAT_MODEL, **kwargs):
-    kwargs = dict(dtype="float32", max_model_len=2048, enforce_eager=True, disable_log_stats=False, seed=0) | kwargs
+    # Async scheduling on, so SDSAT runs vLLM's async path also on CPU (where it is off unless asked for).
+    kwargs = dict(dtype="float32", max_model_len=2048, enforce_eager=True, disable_log_stats=False, seed=0,
+                  async_scheduling=True) | kwargs
     return LLM(model=model, speculative_config=spec, **kwargs)
 
 
@@ -65,6 +67,7 @@ def plain_greedy():
 def test_greedy_output_equals_no_speculation(plain_greedy, k):
     expected, plain_kv, _ = plain_greedy
     llm = make_llm({"method": "sdsat", "num_speculative_tokens": k})
+    assert llm.llm_engine.vllm_config.scheduler_config.async_scheduling is True
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=256, temperature=0), use_tqdm=False)
     got = [o.outputs[0].token_ids for o in outs]
     metrics = spec_metrics(llm)
@@ -94,6 +97,7 @@ def test_preemption_chunked_prefill_and_prefix_cache(plain_greedy):
     order = [0, 0, 1, 1, 3, 3, 4, 4, 2, *range(5, 16)]
     llm = make_llm({"method": "sdsat", "num_speculative_tokens": 4}, num_gpu_blocks_override=12,
                    max_num_batched_tokens=64, max_num_seqs=16, enable_prefix_caching=True, max_model_len=1024)
+    assert llm.llm_engine.vllm_config.scheduler_config.async_scheduling is True
     outs = llm.generate([PROMPTS[i] for i in order], SamplingParams(max_tokens=256, temperature=0), use_tqdm=False)
     preemptions, prefix_hits = counter(llm, "vllm:num_preemptions"), counter(llm, "vllm:prefix_cache_hits")
     del llm
@@ -214,6 +218,21 @@ def test_sdsat_selects_the_v1_model_runner():
     default_k = SdsatConfig.from_pretrained(SDSAT_MODEL).num_speculative_tokens
     assert config.speculative_config.num_speculative_tokens == default_k  # the checkpoint's K
     assert "speculative method 'custom_class'" in config._get_v2_model_runner_unsupported_features()
+
+
+@pytest.mark.parametrize("requested", [None, True, False])
+def test_async_scheduling_follows_the_user(requested):
+    """SDSAT drafts on the device, so vLLM's async scheduling treats it like plain decoding by default
+    (on for GPU, off for CPU), keeps it on when asked (for other custom drafters vLLM turns it off, and
+    an explicit True raises), and off when asked."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    def async_scheduling(spec):
+        return EngineArgs(model=SDSAT_MODEL, speculative_config=spec, max_model_len=512, dtype="float32",
+                          async_scheduling=requested).create_engine_config().scheduler_config.async_scheduling
+
+    expected = async_scheduling(None) if requested is None else requested
+    assert async_scheduling({"method": "sdsat"}) is expected
 
 
 def test_pipeline_parallel_is_refused():

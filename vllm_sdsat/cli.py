@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "generate": ("vllm_sdsat.reference", "decode with the reference SDSAT loop (PyTorch/transformers)"),
     "bench": ("vllm_sdsat.bench.cli", "benchmark SDSAT against vLLM's other speculative methods"),
     "demo": ("vllm_sdsat.bench.demo", "SDSAT vs plain decoding speed on the embedded tiny model"),
+    "profile": ("vllm_sdsat.bench.profile", "ms per engine step by component (runner phases, engine core)"),
 }
 
 

@@ -25,8 +25,10 @@ _SAMPLING_EPS = 1e-5  # vLLM's threshold below which a temperature means greedy
 class SdsatProposer:
     def __init__(self, vllm_config: VllmConfig):
         spec = vllm_config.speculative_config
-        block = getattr(vllm_config.model_config.hf_config, "sdsat", None)
-        self.config = SdsatConfig.from_dict(block).with_overrides(num_speculative_tokens=spec.num_speculative_tokens)
+        model_config = vllm_config.model_config
+        self.config = SdsatConfig.resolve(getattr(model_config.hf_config, "sdsat", None),
+                                          {"num_speculative_tokens": spec.num_speculative_tokens},
+                                          model_config.get_vocab_size(), source=str(model_config.model))
         self.k = self.config.num_speculative_tokens
         self.adaptive_ids = torch.tensor(self.config.adaptive_ids(self.k - 1), dtype=torch.long)
 
@@ -37,33 +39,25 @@ class SdsatProposer:
         raise RuntimeError("SdsatProposer.propose called without the vllm-sdsat runner hook; "
                            "is the vllm_sdsat plugin loaded in this process (VLLM_PLUGINS)?")
 
-    def propose_from_target(self, target, sampled_token_ids: list[list[int]], sampling: SamplingMetadata,
-                            num_reqs: int) -> tuple[list[list[int]], torch.Tensor | None]:
-        """Drafts per batch row ([] where nothing was sampled), and their probabilities
-        [num_reqs, K, vocab] when any request samples (None when all are greedy)."""
-        rows, t0, start = target.fresh_tokens(sampled_token_ids)
-        drafts: list[list[int]] = [[] for _ in range(num_reqs)]
-        if not rows:
-            return drafts, None
-        n = len(rows)
-        input_ids = torch.cat([torch.tensor(t0, dtype=torch.long)[:, None],
-                               self.adaptive_ids.expand(n, -1)], dim=1)
-        positions = torch.as_tensor(start, dtype=torch.long)[:, None] + torch.arange(self.k)
-        logits = target.forward(rows, input_ids, positions).float()  # [n*K, vocab]
-        tokens, q = self._sample(logits, sampling, rows)
-        for row, toks in zip(rows, tokens.view(n, self.k).tolist()):
-            drafts[row] = toks
-        if q is None:
-            return drafts, None
-        probs = q.new_zeros(num_reqs, self.k, q.shape[-1])
-        probs[torch.as_tensor(rows, device=q.device)] = q.view(n, self.k, -1)
-        return drafts, probs
+    def propose_from_target(self, target, common_attn_metadata, spec_decode_metadata,
+                            sampling: SamplingMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Drafts [num_reqs, K] on the device (rows whose sample was discarded get drafts that the
+        scheduler drops), and their probabilities [num_reqs, K, vocab] when any request samples (None
+        when all are greedy). No host sync."""
+        t0, start, discarded = target.fresh_tokens(common_attn_metadata, spec_decode_metadata)
+        n = t0.shape[0]
+        if self.adaptive_ids.device != t0.device:  # once: a copy per step would sync with the device
+            self.adaptive_ids = self.adaptive_ids.to(t0.device)
+        input_ids = torch.cat([t0.to(self.adaptive_ids.dtype)[:, None], self.adaptive_ids.expand(n, -1)], dim=1)
+        positions = start[:, None] + torch.arange(self.k, device=start.device)
+        logits = target.forward(common_attn_metadata, input_ids, positions, discarded).float()  # [n*K, vocab]
+        tokens, q = self._sample(logits, sampling)
+        return tokens.view(n, self.k), None if q is None else q.view(n, self.k, -1)
 
-    def _sample(self, logits: torch.Tensor, sampling: SamplingMetadata, rows: list[int]):
+    def _sample(self, logits: torch.Tensor, sampling: SamplingMetadata):
         if sampling.all_greedy:
             return logits.argmax(-1), None
-        rows_t = torch.as_tensor(rows, device=logits.device)
-        per_slot = lambda t: None if t is None else t[rows_t].repeat_interleave(self.k)  # noqa: E731
+        per_slot = lambda t: None if t is None else t.repeat_interleave(self.k)  # noqa: E731
         temperature = per_slot(sampling.temperature)
         greedy = temperature < _SAMPLING_EPS
         # The temperature/top-k/top-p processing the rejection sampler applies to the target logits.

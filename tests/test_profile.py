@@ -94,6 +94,6 @@ def test_real_engine_run(tmp_path):
     assert main(["profile", "--methods", "ngram:2", "--batch-sizes", "1", "--prompts", "1", "--max-tokens", "24",
                  "--repeats", "1", "--enforce-eager", "--label", "t", "--output", str(tmp_path)]) == 0
     run = json.loads((tmp_path / "profile_t.json").read_text())["runs"][0]
-    assert run["steps"] >= 5 and run["num_drafts"] >= run["steps"]
+    assert run["steps"] >= 5 and run["num_drafts"] >= 1  # ngram drafts only where the prompt matches
     assert sum(run["components_ms"].values()) == pytest.approx(run["ms_per_step"])
     assert run["components_ms"]["forward"] > 0 and run["components_ms"]["sample"] > 0

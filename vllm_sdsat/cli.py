@@ -1,4 +1,4 @@
-"""`vllm-sdsat` command line: one subcommand per part (train, generate, bench, demo).
+"""`vllm-sdsat` command line: one subcommand per part (train, generate, bench, demo, profile).
 
 By default a command shows only progress bars and its result; the logs of vLLM engines and native
 libraries go to a file whose path is printed if the command fails. `--verbose` shows them instead.

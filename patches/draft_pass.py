@@ -27,6 +27,7 @@ from vllm.v1.utils import CpuGpuBuffer
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vllm_sdsat.config import SdsatConfigError
+from vllm_sdsat.patches.auto_k import NUM_DRAFTS
 
 _original_bookkeeping = GPUModelRunner._bookkeeping_sync
 _original_propose = GPUModelRunner.propose_draft_token_ids
@@ -84,18 +85,19 @@ class TargetDraftPass:
 
     @torch.inference_mode()
     def forward(self, common: CommonAttentionMetadata, input_ids: torch.Tensor, positions: torch.Tensor,
-                discarded: torch.Tensor) -> torch.Tensor:
-        """Logits for `input_ids` [n, q] at `positions` [n, q], batch row i attending to its own cached
-        context (`common`: the verification step's attention metadata). KV is written to the rows' own
-        blocks, except for `discarded` rows, which write none."""
+                discarded: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for `input_ids` [n, q] at `positions` [n, q], each attending to the cached context of
+        its batch row (`rows`, a host index tensor; None: all rows in order) as the verification step's
+        attention metadata `common` describes it. KV is written to the rows' own blocks, except for
+        `discarded` rows, which write none."""
         n, q = input_ids.shape
         per_chunk = max(1, self.max_tokens // q)
-        out = [self._forward_chunk(common, slice(s, s + per_chunk), input_ids[s:s + per_chunk],
-                                   positions[s:s + per_chunk], discarded[s:s + per_chunk])
+        out = [self._forward_chunk(common, slice(s, s + per_chunk) if rows is None else rows[s:s + per_chunk],
+                                   input_ids[s:s + per_chunk], positions[s:s + per_chunk], discarded[s:s + per_chunk])
                for s in range(0, n, per_chunk)]
         return torch.cat(out) if len(out) > 1 else out[0]
 
-    def _forward_chunk(self, common, rows: slice, input_ids, positions, discarded):
+    def _forward_chunk(self, common, rows: slice | torch.Tensor, input_ids, positions, discarded):
         runner, device = self.runner, self.runner.device
         n_req, q = input_ids.shape
         block_table = common.block_table_tensor[rows]
@@ -157,10 +159,24 @@ def propose_draft_token_ids(self: GPUModelRunner, scheduler_output, sampled_toke
                                  sample_hidden_states, aux_hidden_states, spec_decode_metadata,
                                  common_attn_metadata, *args, **kwargs)
     # `sampled_token_ids` are the host lists of the custom_class path; `take_sampled` has read the device tensor.
-    drafts, probs = self.drafter.propose_from_target(target, common_attn_metadata, spec_decode_metadata,
-                                                     sampling_metadata)
+    req_ids = self.input_batch.req_ids
+    per_request = getattr(scheduler_output, NUM_DRAFTS, None)  # set by patches/auto_k.py
+    num_drafts = ([per_request.get(r, 0) for r in req_ids] if per_request is not None
+                  else [scheduler_output.num_spec_tokens_to_schedule] * len(req_ids))
+    rows, drafts, probs = self.drafter.propose_from_target(target, common_attn_metadata, spec_decode_metadata,
+                                                          sampling_metadata, num_drafts)
+    drafting = list(req_ids) if rows is None else [req_ids[i] for i in rows.tolist()]
     self._draft_probs = probs
-    self._draft_prob_req_ids = None if probs is None else list(self.input_batch.req_ids)
+    self._draft_prob_req_ids = None if probs is None else drafting
+    if not self.use_async_scheduling and per_request is not None:
+        # The scheduler takes each request's drafts as they come: exactly its own count, none for rows
+        # that did not draft. (One host copy, which the synchronous path makes for drafts anyway.)
+        by_row = dict(zip(drafting, drafts.tolist()))
+        return [by_row.get(r, [])[:k] for r, k in zip(req_ids, num_drafts)]
+    if rows is not None:  # async: a row of the [num_reqs, width] tensor per request; the scheduler's
+        full = drafts.new_zeros((len(req_ids), drafts.shape[1]))  # placeholders take each one's count
+        full[rows.to(drafts.device, non_blocking=True)] = drafts
+        drafts = full
     return drafts
 
 

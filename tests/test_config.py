@@ -164,3 +164,23 @@ def test_real_mrope_config_is_detected():
     from vllm.transformers_utils.config import uses_mrope
     assert uses_mrope(T.Qwen2VLConfig(text_config=dict(SMALL, rope_parameters=MROPE)))
     assert not uses_mrope(T.Qwen2VLConfig(text_config=dict(SMALL)))
+
+
+def test_k_auto_is_the_default_and_a_fixed_k_stays_fixed(tmp_path):
+    model = config_only_model(tmp_path / "m", hf_config("dense"))
+
+    def resolved(spec):
+        config = engine_config(model, spec)
+        return (config.model_config.hf_config.sdsat.get("auto", False),
+                config.speculative_config.num_speculative_tokens_per_batch_size)
+
+    assert resolved({"method": "sdsat"}) == (True, [(1, 1 << 20, 4)])  # K: L + 1 = 4 at every batch size
+    assert resolved({"method": "sdsat", "num_speculative_tokens": "auto"}) == (True, [(1, 1 << 20, 4)])
+    assert resolved({"method": "sdsat", "num_speculative_tokens": 3}) == (False, None)
+    assert resolved({"method": "sdsat", "num_speculative_tokens": 3,
+                     "num_speculative_tokens_per_batch_size": [(1, 8, 2)]}) == (False, [(1, 8, 2)])
+    with pytest.raises(SdsatConfigError, match="auto"):
+        engine_config(model, {"method": "sdsat", "num_speculative_tokens": "auto",
+                              "num_speculative_tokens_per_batch_size": [(1, 8, 2)]})
+    with pytest.raises(SdsatConfigError, match="integer or 'auto'"):
+        SdsatConfig.from_dict({"adaptive_token_ids": [2], "num_speculative_tokens": "seven"})

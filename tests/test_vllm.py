@@ -119,6 +119,77 @@ def test_weights_loaded_once(plain_greedy):
     assert weights == plain_greedy[2]
 
 
+def forced_plans(self, req_ids, verified_tokens, base_tokens):
+    """A stand-in for the auto-K rule: per-request counts that differ within a step and change between
+    steps, with rows of 0 and whole steps of 0."""
+    step = len(self._forced)
+    self._forced.append([0 if step % 5 == 4 else (hash(r) + step) % (self.k_max + 1) for r in req_ids])
+    return self._forced[-1]
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_per_request_k_changing_between_steps(plain_greedy, monkeypatch, async_scheduling):
+    """Drafts per request as patches/auto_k.py hands them to the workers (in the scheduler output, and
+    as placeholders under async scheduling), here from a fixed pattern: outputs stay those of decoding
+    without speculation."""
+    from vllm_sdsat.engine.auto_k import AutoK
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the scheduler in this process
+    monkeypatch.setattr(AutoK, "_forced", [], raising=False)
+    monkeypatch.setattr(AutoK, "plan", forced_plans)
+    llm = make_llm({"method": "sdsat"}, async_scheduling=async_scheduling)
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=256, temperature=0), use_tqdm=False)
+    metrics = spec_metrics(llm)
+    del llm
+    gc.collect()
+    assert any(len(set(p)) > 2 for p in AutoK._forced) and any(not any(p) for p in AutoK._forced)
+    assert metrics["num_drafts"] > 0
+    mismatched = [i for i, o in enumerate(outs) if list(o.outputs[0].token_ids) != list(plain_greedy[0][i])]
+    assert not mismatched, f"prompts {mismatched} differ from decoding without speculation"
+
+
+def test_auto_k_is_the_default_and_exact(plain_greedy, monkeypatch):
+    """No K given: the rule picks each request's drafts per step from measured acceptance and step time."""
+    from vllm_sdsat.engine.auto_k import AutoK
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    plans, original = [], AutoK.plan
+    monkeypatch.setattr(AutoK, "plan", lambda self, *args: plans.append(original(self, *args)) or plans[-1])
+    llm = make_llm({"method": "sdsat"})
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=256, temperature=0), use_tqdm=False)
+    del llm
+    gc.collect()
+    assert len(plans) > 32 and max(map(max, filter(None, plans))) > 0
+    mismatched = [i for i, o in enumerate(outs) if list(o.outputs[0].token_ids) != list(plain_greedy[0][i])]
+    assert not mismatched, f"prompts {mismatched} differ from decoding without speculation"
+
+
+def test_batch_size_schedule(plain_greedy, monkeypatch):
+    """vLLM's num_speculative_tokens_per_batch_size with sdsat: K = 0 while more than 8 requests run
+    (plain steps: no drafts to verify), K = 4 below, as requests of different lengths finish."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    steps, original = [], Scheduler.schedule
+
+    def schedule(self, *args, **kwargs):  # (batch size, drafts verified) per step
+        out = original(self, *args, **kwargs)
+        steps.append((len(out.num_scheduled_tokens), sum(map(len, out.scheduled_spec_decode_tokens.values()))))
+        return out
+
+    monkeypatch.setattr(Scheduler, "schedule", schedule)
+    llm = make_llm({"method": "sdsat", "num_speculative_tokens": 4,
+                    "num_speculative_tokens_per_batch_size": [(1, 8, 4), (9, 64, 0)]})
+    lengths = [8 * (i + 1) for i in range(len(PROMPTS))]
+    outs = llm.generate(PROMPTS, [SamplingParams(max_tokens=n, temperature=0) for n in lengths], use_tqdm=False)
+    del llm
+    gc.collect()
+    # Drafts verified in a step were made in the step before it, for that step's batch.
+    verified_after_large = [v for (before, _), (_, v) in zip(steps, steps[1:]) if before > 8]
+    assert verified_after_large and not any(verified_after_large)
+    assert any(v for _, v in steps), "no step verified drafts"
+    mismatched = [i for i, o in enumerate(outs)
+                  if list(o.outputs[0].token_ids) != list(plain_greedy[0][i][:lengths[i]])]
+    assert not mismatched, f"prompts {mismatched} differ from decoding without speculation"
+
+
 # A docstring opener: the model is unsure what comes next, and its adaptive slots often draft tokens
 # the target finds unlikely, which is where a wrong acceptance rule shows.
 DOCSTRING_PROMPT = 'def parse_config(path):\n    """'
@@ -170,6 +241,11 @@ def test_sampling_matches_plain_distribution(plain_samples):
     assert min_p_value(plain_samples, control) > P_BOUND, "control (plain vs plain) failed: the test is broken"
     sdsat, _ = sample_counts({"method": "sdsat", "num_speculative_tokens": 4}, seed=3)
     assert min_p_value(plain_samples, sdsat) > P_BOUND
+
+
+def test_sampling_with_auto_k(plain_samples):
+    auto, _ = sample_counts({"method": "sdsat"}, seed=6)
+    assert min_p_value(plain_samples, auto) > P_BOUND
 
 
 def test_top_p_sampling_and_greedy_share_a_batch(plain_greedy):

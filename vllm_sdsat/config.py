@@ -5,8 +5,9 @@
 - `adaptive_token_ids`: one id (repeated for every slot, the official release style) or one id per
   slot. Slot j (0-based) uses `ids[min(j, len(ids) - 1)]`.
 - `max_adaptive_tokens`: L, the longest adaptive span seen in training.
-- `num_speculative_tokens`: the default K for vLLM = 1 exact draft + (K - 1) adaptive tokens, at most
-  L + 1: adaptive slots past L were never trained.
+- `num_speculative_tokens`: K for vLLM = 1 exact draft + (K - 1) adaptive tokens, at most L + 1:
+  adaptive slots past L were never trained. With `auto` (vLLM's default for SDSAT, see
+  `engine/auto_k.py`) K is the most drafts a request gets, and each step picks 0..K per request.
 
 `SdsatConfig.resolve` is the one rule that turns a checkpoint's block plus a user's overrides into a
 config; the vLLM hook, the proposer, the reference decoder and the benchmark all go through it.
@@ -29,6 +30,7 @@ class SdsatConfig:
     adaptive_token_ids: tuple[int, ...]
     max_adaptive_tokens: int
     num_speculative_tokens: int = field(default=0)  # 0: derived as max_adaptive_tokens + 1
+    auto: bool = False  # K per request and step, at most num_speculative_tokens
 
     def __post_init__(self):
         ids = tuple(int(i) for i in self.adaptive_token_ids)
@@ -74,19 +76,26 @@ class SdsatConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["adaptive_token_ids"] = list(self.adaptive_token_ids)
+        if not self.auto:  # a runtime choice: checkpoints written by the trainer do not carry it
+            del d["auto"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "SdsatConfig":
-        unknown = set(d) - {"adaptive_token_ids", "max_adaptive_tokens", "num_speculative_tokens"}
+        unknown = set(d) - {"adaptive_token_ids", "max_adaptive_tokens", "num_speculative_tokens", "auto"}
         if unknown:
             raise SdsatConfigError(f"sdsat: unknown keys {sorted(unknown)} in the sdsat block")
         if "adaptive_token_ids" not in d:
             raise SdsatConfigError("sdsat: the sdsat block has no adaptive_token_ids")
         ids = d["adaptive_token_ids"]
         ids = [ids] if isinstance(ids, int) else list(ids)
-        return cls(tuple(ids), int(d.get("max_adaptive_tokens", max(1, len(ids)))),
-                   int(d.get("num_speculative_tokens", 0)))
+        k = d.get("num_speculative_tokens", 0)
+        auto = bool(d.get("auto", False)) or k == "auto"
+        if k == "auto":
+            k = 0
+        elif isinstance(k, str) or isinstance(k, bool):
+            raise SdsatConfigError(f"sdsat: num_speculative_tokens must be an integer or 'auto', got {k!r}")
+        return cls(tuple(ids), int(d.get("max_adaptive_tokens", max(1, len(ids)))), int(k), auto)
 
     @classmethod
     def resolve(cls, block: dict | None, overrides: dict | None = None, vocab_size: int | None = None,

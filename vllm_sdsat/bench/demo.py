@@ -20,7 +20,8 @@ def run(model: str, k: int | None, n_prompts: int, max_tokens: int, dtype: str) 
     prompts = humaneval_prompts(n_prompts)
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
     results = {}
-    for name, spec in (("plain", None), ("sdsat", {"method": "sdsat", "num_speculative_tokens": cfg.num_speculative_tokens})):
+    k_desc = f"K={cfg.num_speculative_tokens}" if k else f"K auto (at most {cfg.num_speculative_tokens})"
+    for name, spec in (("plain", None), ("sdsat", {"method": "sdsat", "num_speculative_tokens": k or "auto"})):
         with ExitStack() as engine:  # one engine at a time, shut down when the block ends
             with console.waiting(f"{name:5s}: starting engine"):
                 llm = engine.enter_context(running_engine(model=model, speculative_config=spec, dtype=dtype,
@@ -32,7 +33,7 @@ def run(model: str, k: int | None, n_prompts: int, max_tokens: int, dtype: str) 
     plain, sdsat = results["plain"], results["sdsat"]
     same = sum(list(a) == list(b) for a, b in zip(plain["ids"], sdsat["ids"]))
     console.print(f"\nSDSAT demo: {Path(model).name}, {len(prompts)} HumanEval prompts, batch 1, greedy, "
-                  f"{max_tokens} new tokens, {dtype}, K={cfg.num_speculative_tokens}")
+                  f"{max_tokens} new tokens, {dtype}, {k_desc}")
     console.print(f"  plain vLLM : {plain['tok_s']:7.1f} tok/s")
     console.print(f"  SDSAT      : {sdsat['tok_s']:7.1f} tok/s   mean accepted length "
                   f"{sdsat['mean_accepted_length']:.2f}")
@@ -42,7 +43,7 @@ def run(model: str, k: int | None, n_prompts: int, max_tokens: int, dtype: str) 
 
 def add_cli(parser):
     parser.add_argument("--model", default=str(EMBEDDED_MODEL), help="SDSAT checkpoint (default: embedded tiny model)")
-    parser.add_argument("--k", type=int, default=None, help="drafts per step K (default: the checkpoint's)")
+    parser.add_argument("--k", type=int, default=None, help="a fixed K drafts per step (default: auto, at most the checkpoint's K)")
     parser.add_argument("--prompts", type=int, default=16, help="number of HumanEval prompts")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--dtype", default="bfloat16")

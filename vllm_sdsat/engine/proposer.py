@@ -1,17 +1,21 @@
 """SDSAT proposer: the target model drafts its own next K tokens with adaptive tokens.
 
-After each verification step, for every request whose last sampled token is t0 at position n, the
-target model runs once on `[t0, A_1, ..., A_{K-1}]` at positions n..n+K-1:
+After each verification step, for every request whose last sampled token is t0 at position n and
+that is to get k > 0 drafts, the target model runs once on `[t0, A_1, ..., A_{w-1}]` at positions
+n..n+w-1, w the step's largest k (K, or fewer when vLLM's batch-size schedule or automatic K,
+`patches/auto_k.py`, says so; requests with k = 0 skip the pass):
 - the output at t0 is the exact next-token distribution, so draft 1 is always what the target says;
 - the output at A_j is the fine-tuned adaptive slot's guess for the token j+1 steps ahead.
 Greedy requests take argmaxes. Sampled requests sample every draft from the processed
 (temperature/top-k/top-p) distribution q and hand q to vLLM's rejection sampler, which accepts with
 min(1, p/q), so the output follows the target distribution exactly.
 
-Cost: one extra target forward of K tokens per request per step, no draft model, no draft KV cache.
+Cost: one extra target forward of w tokens per drafting request per step, no draft model, no draft KV cache.
 The KV it writes lands in the request's own lookahead slots and is overwritten by the next
 verification before anything reads it (see `patches/lookahead_slots.py`).
 """
+import dataclasses
+
 import torch
 from vllm.config import VllmConfig
 from vllm.v1.sample.metadata import SamplingMetadata
@@ -39,25 +43,36 @@ class SdsatProposer:
         raise RuntimeError("SdsatProposer.propose called without the vllm-sdsat runner hook; "
                            "is the vllm_sdsat plugin loaded in this process (VLLM_PLUGINS)?")
 
-    def propose_from_target(self, target, common_attn_metadata, spec_decode_metadata,
-                            sampling: SamplingMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Drafts [num_reqs, K] on the device (rows whose sample was discarded get drafts that the
-        scheduler drops), and their probabilities [num_reqs, K, vocab] when any request samples (None
-        when all are greedy). No host sync."""
+    def propose_from_target(self, target, common_attn_metadata, spec_decode_metadata, sampling: SamplingMetadata,
+                            num_drafts: list[int]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Drafts for the batch rows with `num_drafts[i] > 0`, all as wide as the largest count, on the
+        device: (rows [m] on the host, or None for all rows; drafts [m, width]; their probabilities
+        [m, width, vocab] when any request samples, else None). Rows whose sample was discarded get
+        drafts that the scheduler drops. No host sync."""
+        width = min(max(num_drafts, default=0), self.k)
         t0, start, discarded = target.fresh_tokens(common_attn_metadata, spec_decode_metadata)
+        rows = None
+        if width and min(num_drafts) == 0:  # only the rows that draft run the draft pass
+            rows = torch.tensor([i for i, k in enumerate(num_drafts) if k], dtype=torch.long)
+            on_device = rows.to(t0.device, non_blocking=True)
+            t0, start, discarded = t0[on_device], start[on_device], discarded[on_device]
+            sampling = _rows_of(sampling, on_device)
         n = t0.shape[0]
+        if not width:
+            return rows, t0.new_empty((n, 0), dtype=torch.long), None
         if self.adaptive_ids.device != t0.device:  # once: a copy per step would sync with the device
             self.adaptive_ids = self.adaptive_ids.to(t0.device)
-        input_ids = torch.cat([t0.to(self.adaptive_ids.dtype)[:, None], self.adaptive_ids.expand(n, -1)], dim=1)
-        positions = start[:, None] + torch.arange(self.k, device=start.device)
-        logits = target.forward(common_attn_metadata, input_ids, positions, discarded).float()  # [n*K, vocab]
-        tokens, q = self._sample(logits, sampling)
-        return tokens.view(n, self.k), None if q is None else q.view(n, self.k, -1)
+        input_ids = torch.cat([t0.to(self.adaptive_ids.dtype)[:, None],
+                               self.adaptive_ids[:width - 1].expand(n, -1)], dim=1)
+        positions = start[:, None] + torch.arange(width, device=start.device)
+        logits = target.forward(common_attn_metadata, input_ids, positions, discarded, rows).float()  # [n*w, vocab]
+        tokens, q = self._sample(logits, sampling, width)
+        return rows, tokens.view(n, width), None if q is None else q.view(n, width, -1)
 
-    def _sample(self, logits: torch.Tensor, sampling: SamplingMetadata):
+    def _sample(self, logits: torch.Tensor, sampling: SamplingMetadata, width: int):
         if sampling.all_greedy:
             return logits.argmax(-1), None
-        per_slot = lambda t: None if t is None else t.repeat_interleave(self.k)  # noqa: E731
+        per_slot = lambda t: None if t is None else t.repeat_interleave(width)  # noqa: E731
         temperature = per_slot(sampling.temperature)
         greedy = temperature < _SAMPLING_EPS
         # The temperature/top-k/top-p processing the rejection sampler applies to the target logits.
@@ -65,3 +80,10 @@ class SdsatProposer:
         q = apply_top_k_top_p(processed, per_slot(sampling.top_k), per_slot(sampling.top_p)).softmax(-1)
         sampled = (q / torch.empty_like(q).exponential_()).argmax(-1)  # one draw from q
         return torch.where(greedy, logits.argmax(-1), sampled), q
+
+
+def _rows_of(sampling: SamplingMetadata, rows: torch.Tensor) -> SamplingMetadata:
+    """The sampling settings the draft sampling reads, for a subset of the batch rows."""
+    pick = lambda t: None if t is None else t[rows]  # noqa: E731
+    return dataclasses.replace(sampling, temperature=pick(sampling.temperature), top_k=pick(sampling.top_k),
+                               top_p=pick(sampling.top_p))

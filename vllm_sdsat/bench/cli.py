@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from vllm_sdsat.bench.engine import QUIET_VLLM_ENV
-from vllm_sdsat.bench.methods import METHODS, EngineSpec, build_specs, parse_list, parse_methods
+from vllm_sdsat.bench.methods import METHODS, EngineSpec, build_specs, int_or_auto, parse_list, parse_methods
 from vllm_sdsat.bench.report import PREFIX, write_markdown, write_outputs
 from vllm_sdsat.bench.runner import add_speedups, run_bench, run_meta
 from vllm_sdsat.bench.suffix import SUFFIX_DIR_NAME, build_suffix_decoding
@@ -31,8 +31,8 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=str(EMBEDDED_MODEL), help="target checkpoint (default: the embedded SDSAT model)")
     p.add_argument("--methods", default=None,
                    help=f"comma-separated, from {','.join(METHODS)} (default: all; --quick: none,sdsat,ngram)")
-    p.add_argument("--k", default=None, help="SDSAT K values, comma-separated (default: 2..L+1 of the checkpoint; "
-                                             "--quick: the checkpoint's K)")
+    p.add_argument("--k", default=None, help="SDSAT K values, comma-separated, 'auto' for automatic K (default: "
+                                             "2..L+1 of the checkpoint; --quick: the checkpoint's K)")
     p.add_argument("--baseline-k", default=None, help="K for ngram/draft_model/pard, comma-separated "
                                                       "(default: the checkpoint's K; suffix picks its own)")
     p.add_argument("--batch-sizes", default=None, help="comma-separated (default 1,4,16,64; --quick 1,4)")
@@ -72,7 +72,7 @@ def resolve_options(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(opts, key, None) is None:
             setattr(opts, key, value)
     opts.methods = parse_methods(opts.methods)
-    opts.k = parse_list(opts.k, int, "--k") or None
+    opts.k = parse_list(opts.k, int_or_auto, "--k") or None
     opts.baseline_k = parse_list(opts.baseline_k, int, "--baseline-k") or None
     opts.batch_sizes = parse_list(opts.batch_sizes, int, "--batch-sizes")
     opts.sampling_batch_sizes = parse_list(opts.sampling_batch_sizes, int, "--sampling-batch-sizes") or opts.batch_sizes

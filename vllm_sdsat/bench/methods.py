@@ -52,6 +52,10 @@ def parse_list(text: str | None, kind=str, what: str = "list") -> list:
         raise ValueError(f"bad {what} {text!r}: expected comma-separated {kind.__name__} values") from None
 
 
+def int_or_auto(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
 def parse_methods(text: str) -> list[str]:
     methods = []
     for m in parse_list(text, str, "--methods"):
@@ -109,7 +113,7 @@ def build_specs(methods: list[str], model: str, ks: list[int] | None = None, bas
     default_k = sdsat_cfg.num_speculative_tokens if sdsat_cfg else 4
     ks = ks or (list(range(2, sdsat_cfg.max_adaptive_tokens + 2)) if sdsat_cfg else [default_k])
     baseline_ks = baseline_ks or [default_k]
-    for k in (*ks, *baseline_ks):
+    for k in (*(k for k in ks if k != "auto"), *baseline_ks):
         if k < 1:
             raise ValueError(f"K must be >= 1, got {k}")
     specs, skipped = [], {}
@@ -118,6 +122,11 @@ def build_specs(methods: list[str], model: str, ks: list[int] | None = None, bas
             specs.append(EngineSpec("none", None, None))
         elif method == "sdsat":
             for k in ks:
+                if k == "auto":  # K per request and step, at most the checkpoint's: plotted as dynamic
+                    spec = {"method": "sdsat", "num_speculative_tokens": "auto", **overrides}
+                    specs.append(EngineSpec("sdsat", None, spec, label="sdsat K=auto",
+                                            notes={"sdsat": sdsat_cfg.to_dict()}))
+                    continue
                 cfg = SdsatConfig.from_pretrained(model, num_speculative_tokens=k, **overrides)
                 spec = {"method": "sdsat", "num_speculative_tokens": cfg.num_speculative_tokens, **overrides}
                 specs.append(EngineSpec("sdsat", k, spec, notes={"sdsat": cfg.to_dict()}))

@@ -1,7 +1,8 @@
 """Hook: automatic K in the scheduler, per request and step (`vllm_sdsat/engine/auto_k.py` has the rule).
 
 Written against vLLM 0.32 (`Scheduler.schedule` and `Scheduler.make_spec_decoding_stats`,
-`v1/core/sched/scheduler.py`; `AsyncScheduler._update_after_schedule`, `v1/core/sched/async_scheduler.py`).
+`v1/core/sched/scheduler.py`; the placeholders `AsyncScheduler._update_after_schedule` sets inside
+`schedule`, `v1/core/sched/async_scheduler.py`).
 
 With K "auto" (SDSAT's default) the speculative config carries a batch-size schedule of K at every
 size (`patches/speculative_config.py`), which puts vLLM's scheduler in its dynamic-K mode: no

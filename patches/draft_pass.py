@@ -12,8 +12,9 @@ drafts the way vLLM's on-device drafters (EAGLE, draft model) do, with no host s
 - the draft pass then runs on `TargetDraftPass`, the whole vLLM-facing surface the proposer sees:
   t0 and its position per row, and a forward of given tokens at given positions that writes KV into
   the rows' own blocks and returns logits;
-- drafts go back as a [num_reqs, K] device tensor; vLLM copies them to the host only when its
-  scheduler needs them.
+- drafts go back as a [num_reqs, width] device tensor, which vLLM copies to the host only when its
+  scheduler needs them; with automatic K (`patches/auto_k.py`) and no async scheduling they go
+  back as host lists of each request's own count.
 """
 import dataclasses
 

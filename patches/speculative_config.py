@@ -13,8 +13,6 @@ building the model and parallel configs and before the engine starts or any weig
 draft pass cannot do is refused there with one SdsatConfigError line; see `unsupported`. LoRA is read
 from the EngineArgs (`enable_lora`), since its LoRAConfig is built after the speculative config.
 """
-import dataclasses
-
 from vllm.engine.arg_utils import EngineArgs
 
 from vllm_sdsat.config import SdsatConfig, SdsatConfigError
@@ -87,20 +85,17 @@ def resolve(spec: dict, target_model_config, target_parallel_config, enable_lora
         raise SdsatConfigError(f"sdsat: {why}")
     hf_config = target_model_config.hf_config
     overrides = {k: spec.pop(k) for k in (*SDSAT_KEYS, "num_speculative_tokens") if k in spec}
-    # K "auto", the default: the checkpoint's K becomes the most drafts a request gets per step.
+    # K "auto" is the default, unless the user gives a K or vLLM's batch-size schedule of K.
     schedule = spec.get("num_speculative_tokens_per_batch_size")
-    auto = overrides.get("num_speculative_tokens") == "auto" or (
-        overrides.get("num_speculative_tokens") is None and schedule is None)
-    if overrides.get("num_speculative_tokens") == "auto":
-        if schedule is not None:
-            raise SdsatConfigError("sdsat: num_speculative_tokens 'auto' chooses K per step itself; give it no "
-                                   "num_speculative_tokens_per_batch_size (or give a fixed K with the schedule)")
-        del overrides["num_speculative_tokens"]
+    if overrides.get("num_speculative_tokens") is None and schedule is None:
+        overrides["num_speculative_tokens"] = "auto"
+    if overrides.get("num_speculative_tokens") == "auto" and schedule is not None:
+        raise SdsatConfigError("sdsat: num_speculative_tokens 'auto' chooses K per step itself; give it no "
+                               "num_speculative_tokens_per_batch_size (or give a fixed K with the schedule)")
     cfg = SdsatConfig.resolve(getattr(hf_config, "sdsat", None), overrides, target_model_config.get_vocab_size(),
                               source=str(target_model_config.model))
-    cfg = dataclasses.replace(cfg, auto=auto)
     hf_config.sdsat = cfg.to_dict()
-    if auto:  # vLLM's dynamic-K mode, with K at every batch size; patches/auto_k.py picks each step's K
+    if cfg.auto:  # vLLM's dynamic-K mode, with K at every batch size; patches/auto_k.py picks each step's K
         spec["num_speculative_tokens_per_batch_size"] = [(1, _ANY_BATCH, cfg.num_speculative_tokens)]
     spec.update(method="custom_class", model=PROPOSER_PATH, num_speculative_tokens=cfg.num_speculative_tokens)
     return spec, cfg

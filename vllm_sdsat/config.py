@@ -93,7 +93,7 @@ class SdsatConfig:
         auto = bool(d.get("auto", False)) or k == "auto"
         if k == "auto":
             k = 0
-        elif isinstance(k, str) or isinstance(k, bool):
+        elif isinstance(k, (str, bool)):
             raise SdsatConfigError(f"sdsat: num_speculative_tokens must be an integer or 'auto', got {k!r}")
         return cls(tuple(ids), int(d.get("max_adaptive_tokens", max(1, len(ids)))), int(k), auto)
 
@@ -106,13 +106,18 @@ class SdsatConfig:
         `source` names the model in the error raised when neither gives adaptive_token_ids.
         """
         merged = dict(block or {})
-        merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        given = {k: v for k, v in (overrides or {}).items() if v is not None}
+        auto = given.get("num_speculative_tokens") == "auto"
+        if auto:  # the checkpoint's K stays: it becomes the most drafts a request gets per step
+            del given["num_speculative_tokens"]
+        merged.update(given)
         if "adaptive_token_ids" not in merged:
             raise SdsatConfigError(
                 f"sdsat: {source} has no 'sdsat' block in its config and no adaptive_token_ids were given. "
                 "Fine-tune it with `vllm-sdsat train`, or give the adaptive token ids (speculative config key "
                 "adaptive_token_ids, or --adaptive-token-ids).")
         cfg = cls.from_dict(merged)
+        cfg = replace(cfg, auto=True) if auto else cfg
         return cfg.check_vocab(vocab_size) if vocab_size else cfg
 
     @classmethod

@@ -15,10 +15,17 @@ drafts the way vLLM's on-device drafters (EAGLE, draft model) do, with no host s
 - drafts go back as a [num_reqs, width] device tensor, which vLLM copies to the host only when its
   scheduler needs them; with automatic K (`patches/auto_k.py`) and no async scheduling they go
   back as host lists of each request's own count.
+
+The draft forward runs the target's compiled model like the verification forward does. On CPU vLLM
+traces the model once with a dynamic token count (`DYNAMO_TRACE_ONCE`, no guards, no CUDA graphs), so
+the draft's n*K tokens reuse that graph: no recompile, and a draft forward costs what a verification
+forward of as many tokens costs (docs/performance.md). On CUDA the draft replays the target's
+PIECEWISE CUDA graphs the way vLLM's drafters replay theirs (`SpecDecodeBaseProposer.propose`).
 """
 import dataclasses
 
 import torch
+from vllm.config import CUDAGraphMode
 from vllm.forward_context import set_forward_context
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
@@ -63,6 +70,9 @@ class TargetDraftPass:
                                                   with_numpy=True)
         self.next_token_ids: torch.Tensor | None = None
         self.valid_counts: torch.Tensor | None = None
+        # CUDA graphs read their inputs from the buffers they were captured with: the runner's token-id
+        # and position buffers, which models fed embeddings or M-RoPE positions do not use.
+        self.cudagraphs = not (runner.supports_mm_inputs or runner.enable_prompt_embeds or runner.uses_mrope)
 
     def take_sampled(self, sampled_token_ids: torch.Tensor) -> None:
         """Record each row's last valid sampled token and its count of valid sampled tokens (0 where
@@ -127,11 +137,25 @@ class TargetDraftPass:
         attn_metadata = {}
         for group in self.attn_groups:
             attn_metadata.update(dict.fromkeys(group.layer_names, group.build_metadata(draft_common)))
-        with set_forward_context(attn_metadata, runner.vllm_config, num_tokens=n_req * q,
+        # PIECEWISE only, as vLLM's drafters: a FULL graph would replay the target's attention metadata
+        # buffers, not ours. On CPU (no capture sizes) this is NONE with the unpadded count.
+        num_tokens = n_req * q
+        modes = {CUDAGraphMode.PIECEWISE, CUDAGraphMode.NONE} if self.cudagraphs else {CUDAGraphMode.NONE}
+        mode, batch = runner.cudagraph_dispatcher.dispatch(num_tokens, valid_modes=modes)
+        flat_ids = input_ids.reshape(-1).to(torch.int32)
+        if mode == CUDAGraphMode.PIECEWISE:
+            padded = batch.num_tokens  # a captured size; padding tokens write no KV and are cut off below
+            runner.input_ids.gpu[:num_tokens].copy_(flat_ids)
+            runner.positions[:num_tokens].copy_(flat_positions)
+            runner.positions[num_tokens:padded].zero_()
+            flat_ids, flat_positions = runner.input_ids.gpu[:padded], runner.positions[:padded]
+            slot_mapping = torch.cat([slot_mapping, slot_mapping.new_full((padded - num_tokens,), PADDING_SLOT_ID)])
+        with set_forward_context(attn_metadata, runner.vllm_config, num_tokens=batch.num_tokens,
+                                 cudagraph_runtime_mode=mode, batch_descriptor=batch,
                                  slot_mapping=dict.fromkeys(self.layer_names, slot_mapping)):
-            hidden = runner.model(input_ids=input_ids.reshape(-1).to(torch.int32), positions=flat_positions,
-                                  intermediate_tensors=None, inputs_embeds=None)
-        return runner.model.compute_logits(hidden)
+            hidden = runner.model(input_ids=flat_ids, positions=flat_positions, intermediate_tensors=None,
+                                  inputs_embeds=None)
+        return runner.model.compute_logits(hidden[:num_tokens])
 
 
 def _sdsat_target(runner: GPUModelRunner) -> TargetDraftPass | None:

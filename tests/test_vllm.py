@@ -83,6 +83,48 @@ def test_greedy_output_equals_no_speculation(plain_greedy, k):
     assert capacity == plain_kv, "SDSAT must not take KV capacity for a draft cache"
 
 
+def pad_draft_like_cudagraphs(worker):
+    """On a worker: the runner's CUDA-graph dispatcher answers the draft pass's PIECEWISE query with a
+    padded size, as on CUDA, so the draft pass takes its CUDA-graph branch (padded inputs in the runner's
+    buffers) on CPU, where nothing is captured."""
+    from vllm.config import CUDAGraphMode
+    from vllm.forward_context import BatchDescriptor
+
+    runner = worker.model_runner
+    real = runner.cudagraph_dispatcher
+
+    class Padding:
+        calls = 0
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def dispatch(self, num_tokens, **kwargs):
+            if CUDAGraphMode.PIECEWISE not in (kwargs.get("valid_modes") or ()):
+                return real.dispatch(num_tokens, **kwargs)
+            Padding.calls += 1
+            return CUDAGraphMode.PIECEWISE, BatchDescriptor(num_tokens=num_tokens // 16 * 16 + 16)
+
+    runner.cudagraph_dispatcher = Padding()
+    worker.padding = Padding
+
+
+def test_greedy_output_with_cudagraph_padded_draft(plain_greedy):
+    """The draft pass's CUDA-graph branch, padded to a captured size: outputs stay exact and draft 1
+    (the target's own next token) is still always accepted, so padding leaves the real rows' logits."""
+    expected, _, _ = plain_greedy
+    llm = make_llm({"method": "sdsat", "num_speculative_tokens": 4})
+    llm.collective_rpc(pad_draft_like_cudagraphs)
+    outs = llm.generate(PROMPTS[:8], SamplingParams(max_tokens=128, temperature=0), use_tqdm=False)
+    padded_calls, = llm.collective_rpc(lambda worker: worker.padding.calls)
+    metrics = spec_metrics(llm)
+    del llm
+    gc.collect()
+    assert padded_calls > 0
+    assert [list(o.outputs[0].token_ids) for o in outs] == [list(e[:128]) for e in expected[:8]]
+    assert metrics["num_accepted_tokens_per_pos"][0] == metrics["num_drafts"] > 0
+
+
 def counter(llm, name: str) -> float:
     return sum(m.value for m in llm.get_metrics() if m.name == name)
 

@@ -19,11 +19,9 @@ import dataclasses
 import torch
 from vllm.config import VllmConfig
 from vllm.v1.sample.metadata import SamplingMetadata
-from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 
 from vllm_sdsat.config import SdsatConfig
-
-_SAMPLING_EPS = 1e-5  # vLLM's threshold below which a temperature means greedy
+from vllm_sdsat.engine.draft_sampling import sample_drafts
 
 
 class SdsatProposer:
@@ -65,21 +63,9 @@ class SdsatProposer:
         input_ids = torch.cat([t0.to(self.adaptive_ids.dtype)[:, None],
                                self.adaptive_ids[:width - 1].expand(n, -1)], dim=1)
         positions = start[:, None] + torch.arange(width, device=start.device)
-        logits = target.forward(common_attn_metadata, input_ids, positions, discarded, rows).float()  # [n*w, vocab]
-        tokens, q = self._sample(logits, sampling, width)
+        logits = target.forward(common_attn_metadata, input_ids, positions, discarded, rows)  # [n*w, vocab]
+        tokens, q = sample_drafts(logits, sampling, width)
         return rows, tokens.view(n, width), None if q is None else q.view(n, width, -1)
-
-    def _sample(self, logits: torch.Tensor, sampling: SamplingMetadata, width: int):
-        if sampling.all_greedy:
-            return logits.argmax(-1), None
-        per_slot = lambda t: None if t is None else t.repeat_interleave(width)  # noqa: E731
-        temperature = per_slot(sampling.temperature)
-        greedy = temperature < _SAMPLING_EPS
-        # The temperature/top-k/top-p processing the rejection sampler applies to the target logits.
-        processed = logits / torch.where(greedy, 1.0, temperature).unsqueeze(-1)
-        q = apply_top_k_top_p(processed, per_slot(sampling.top_k), per_slot(sampling.top_p)).softmax(-1)
-        sampled = (q / torch.empty_like(q).exponential_()).argmax(-1)  # one draw from q
-        return torch.where(greedy, logits.argmax(-1), sampled), q
 
 
 def _rows_of(sampling: SamplingMetadata, rows: torch.Tensor) -> SamplingMetadata:

@@ -65,7 +65,9 @@ def test_parse_method():
     assert parse_method("none") == ("none", "none", None)
     assert parse_method("sdsat:7") == ("sdsat K=7", "sdsat", {"method": "sdsat", "num_speculative_tokens": 7})
     assert parse_method("ngram:1")[2]["prompt_lookup_max"] == 4
-    for bad in ("ngram", "eagle:3", "sdsat:0"):
+    assert parse_method("sdsat:auto")[2] == {"method": "sdsat"}
+    assert parse_method("sdsat:0")[2]["num_speculative_tokens_per_batch_size"] == [(1, 1 << 20, 0)]
+    for bad in ("ngram", "eagle:3", "ngram:0", "sdsat:-1"):
         with pytest.raises(ValueError):
             parse_method(bad)
 

@@ -156,12 +156,20 @@ def summarize(steps: list[dict]) -> dict:
 
 
 def parse_method(text: str) -> tuple[str, str, dict | None]:
-    """"none" | "ngram:K" | "sdsat:K" -> (label, method, speculative_config)."""
+    """"none" | "ngram:K" | "sdsat:K" | "sdsat:auto" | "sdsat:0" -> (label, method, speculative_config).
+
+    "sdsat:0" is an SDSAT engine whose batch-size schedule gives K = 0 at every size: each step is a plain
+    step inside the speculative engine, which shows what its machinery costs when nothing is drafted."""
     method, _, k = text.strip().partition(":")
     if method == "none":
         return "none", "none", None
+    if method == "sdsat" and k == "auto":
+        return "sdsat K=auto", method, {"method": method}
+    if method == "sdsat" and k == "0":
+        return "sdsat K=0", method, {"method": method, "num_speculative_tokens": 1,
+                                     "num_speculative_tokens_per_batch_size": [(1, 1 << 20, 0)]}
     if method not in ("ngram", "sdsat") or not k.isdigit() or int(k) < 1:
-        raise ValueError(f"bad method {text!r}: expected none, ngram:K or sdsat:K")
+        raise ValueError(f"bad method {text!r}: expected none, ngram:K, sdsat:K, sdsat:auto or sdsat:0")
     spec = {"method": method, "num_speculative_tokens": int(k), **(NGRAM_LOOKUP if method == "ngram" else {})}
     return f"{method} K={k}", method, spec
 
@@ -278,7 +286,7 @@ def plot(results: list[dict], path: Path) -> Path:
 def add_cli(parser: argparse.ArgumentParser) -> None:
     p = parser
     p.add_argument("--model", default=str(EMBEDDED_MODEL), help="target checkpoint (default: the embedded SDSAT model)")
-    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"none, ngram:K, sdsat:K, comma-separated "
+    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"none, ngram:K, sdsat:K, sdsat:auto, sdsat:0 (no drafts), comma-separated "
                                                               f"(default {DEFAULT_METHODS})")
     p.add_argument("--batch-sizes", default="1,16", help="comma-separated (default 1,16)")
     p.add_argument("--prompts", type=int, default=8, help="first N HumanEval prompts (default 8; at least the batch)")

@@ -13,7 +13,9 @@ draft. After each `schedule`, `AutoK` picks each scheduled request's drafts for 
 - under async scheduling each request's placeholders are cut to its own k, so the next step
   verifies only those (without async, the workers hand back exactly k drafts per request).
 Each request's drafted and accepted counts reach `AutoK` through `make_spec_decoding_stats`, which
-`update_from_output` calls per request. vLLM turns dynamic K off for data parallelism, and so does
+`update_from_output` calls per request.
+The scheduler keeps each step's width as `_sdsat_width` (for every sdsat engine), which
+`patches/plain_steps.py` reads. vLLM turns dynamic K off for data parallelism, and so does
 this hook (it runs only where the scheduler has a dynamic-K lookup).
 """
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
@@ -41,13 +43,15 @@ def schedule(self: Scheduler, *args, **kwargs):
     output = _original_schedule(self, *args, **kwargs)
     auto = _controller(self)
     if auto is None:
+        if is_sdsat(self.vllm_config.speculative_config):
+            self._sdsat_width = output.num_spec_tokens_to_schedule
         return output
     req_ids = [r for r in output.num_scheduled_tokens if not self.requests[r].is_prefill_chunk]
     num_spec = sum(len(t) for t in output.scheduled_spec_decode_tokens.values())
     counts = dict(zip(req_ids, auto.plan(req_ids, output.total_num_scheduled_tokens,
                                          output.total_num_scheduled_tokens - num_spec)))
     setattr(output, NUM_DRAFTS, counts)
-    output.num_spec_tokens_to_schedule = max(counts.values(), default=0)
+    output.num_spec_tokens_to_schedule = self._sdsat_width = max(counts.values(), default=0)
     if isinstance(self, AsyncScheduler):
         for req_id, k in counts.items():
             self.requests[req_id].spec_token_ids = [-1] * k

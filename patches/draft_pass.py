@@ -170,7 +170,9 @@ def _sdsat_target(runner: GPUModelRunner) -> TargetDraftPass | None:
 
 def _bookkeeping_sync(self: GPUModelRunner, scheduler_output, sampler_output, *args, **kwargs):
     target = _sdsat_target(self)
-    if target is not None:
+    # Without async scheduling, t0 is needed only by a draft pass; with it, the next step's input
+    # preparation reads the valid counts every step.
+    if target is not None and (self.use_async_scheduling or scheduler_output.num_spec_tokens_to_schedule):
         target.take_sampled(sampler_output.sampled_token_ids)
     return _original_bookkeeping(self, scheduler_output, sampler_output, *args, **kwargs)
 
@@ -188,6 +190,9 @@ def propose_draft_token_ids(self: GPUModelRunner, scheduler_output, sampled_toke
     per_request = getattr(scheduler_output, NUM_DRAFTS, None)  # set by patches/auto_k.py
     num_drafts = ([per_request.get(r, 0) for r in req_ids] if per_request is not None
                   else [scheduler_output.num_spec_tokens_to_schedule] * len(req_ids))
+    if not self.use_async_scheduling and not any(num_drafts):  # nothing to draft: hand back no drafts
+        self._draft_probs = self._draft_prob_req_ids = None
+        return [[] for _ in req_ids]
     rows, drafts, probs = self.drafter.propose_from_target(target, common_attn_metadata, spec_decode_metadata,
                                                           sampling_metadata, num_drafts)
     drafting = list(req_ids) if rows is None else [req_ids[i] for i in rows.tolist()]

@@ -4,7 +4,8 @@ import itertools
 import numpy as np
 import pytest
 
-from vllm_sdsat.engine.auto_k import PROBE_EVERY, Acceptance, AutoK, StepCost, choose_num_drafts
+from vllm_sdsat.engine.auto_k import (PROBE_BUDGET, PROBE_MIN, Acceptance, AutoK, StepCost, best_drafting_plan,
+                                      step_ms)
 
 K = 4
 
@@ -15,18 +16,24 @@ def expected_from_rates(rates) -> np.ndarray:
 
 
 def rate(expected, k, cost, base):
-    a, b, c, d = cost
+    """Expected tokens per ms of a plan, written out from the rule's definition."""
+    a, b, d = cost
     k = np.asarray(k)
     drafting = int((k > 0).sum())
-    width = int(k.max(initial=0))
-    time = a + b * (base + k.sum()) + (c * width * drafting + d if drafting else 0)
+    time = a + b * (base + k.sum() + k.max(initial=0) * drafting) + (d if drafting else 0)
     return expected[np.arange(len(k)), k].sum() / time
+
+
+def choose(expected, cost, base):
+    """The rule's choice: the best drafting plan, or no drafts where that is faster."""
+    k, drafting_rate = best_drafting_plan(expected, cost, base)
+    return k if drafting_rate > len(k) / step_ms(cost, base, np.zeros(len(k))) else np.zeros_like(k)
 
 
 def test_acceptance_counts_positions_reached_and_accepted():
     acc = Acceptance(K)
     acc.observe("r", num_drafts=4, num_accepted=2)  # positions 1, 2 accepted, 3 rejected, 4 never reached
-    own = acc.by_request["r"]
+    own = acc.own("r")
     assert own[0].tolist() == [1, 1, 1, 0] and own[1].tolist() == [1, 1, 0, 0]
     # A request with no history takes all requests' rates: 1, 1, 0, and 0.5 (no data) at position 4.
     assert acc.expected_tokens(["new"])[0].tolist() == [1, 2, 3, 3, 3]
@@ -41,18 +48,29 @@ def test_a_request_with_history_keeps_its_own_rate():
     assert good[-1] > 4.5 and bad[-1] < 1.5
 
 
+def test_forgetting_finished_requests_keeps_the_live_ones():
+    acc = Acceptance(K)
+    for i in range(100):  # more requests than the first allocation of rows
+        acc.observe(f"r{i}", 4, i % 5)
+    live = ["r3", "r99"]
+    before = acc.expected_tokens(live)
+    acc.forget(set(live))
+    assert sorted(acc.rows) == live and np.allclose(acc.expected_tokens(live), before)
+    assert not acc.own("r4").any()
+
+
 @pytest.mark.parametrize("cost, expected_k", [
-    ((10.0, 0.01, 0.01, 0.1), K),  # tokens nearly free next to the fixed step cost: draft all K
-    ((1.0, 1.0, 1.0, 5.0), 0),     # every token costs as much as a step: never draft
+    ((10.0, 0.01, 0.1), K),  # tokens nearly free next to the fixed step cost: draft all K
+    ((1.0, 1.0, 5.0), 0),    # every token costs as much as a step: never draft
 ])
 def test_choice_follows_the_cost_of_tokens(cost, expected_k):
     expected = expected_from_rates([[0.9] * K] * 3)
-    assert choose_num_drafts(expected, cost, base_tokens=3).tolist() == [expected_k] * 3
+    assert choose(expected, cost, 3).tolist() == [expected_k] * 3
 
 
 def test_requests_that_accept_more_get_more_drafts():
     expected = expected_from_rates([[0.95] * K, [0.2] * K])
-    k_good, k_bad = choose_num_drafts(expected, (2.0, 0.3, 0.3, 0.5), base_tokens=2)
+    k_good, k_bad = choose(expected, (2.0, 0.15, 0.5), 2)
     assert k_good > k_bad
 
 
@@ -61,19 +79,20 @@ def test_choice_is_close_to_the_best_by_brute_force(seed):
     rng = np.random.default_rng(seed)
     n = 3
     expected = expected_from_rates(rng.uniform(0.1, 1.0, size=(n, K)))
-    cost = tuple(rng.uniform(0.05, 3.0, size=4))
-    chosen = choose_num_drafts(expected, cost, base_tokens=n)
-    best = max(rate(expected, k, cost, n) for k in itertools.product(range(K + 1), repeat=n))
+    cost = tuple(rng.uniform(0.05, 3.0, size=3))
+    chosen, predicted = best_drafting_plan(expected, cost, n)
+    assert chosen.any() and np.isclose(predicted, rate(expected, chosen, cost, n))
+    best = max(rate(expected, k, cost, n) for k in itertools.product(range(K + 1), repeat=n) if any(k))
     assert rate(expected, chosen, cost, n) >= 0.97 * best
 
 
 def test_step_cost_fit_recovers_the_machine():
     rng = np.random.default_rng(0)
-    truth = np.array([5.0, 0.2, 0.4, 3.0])  # ms, ms per verified token, ms per draft token, ms per draft pass
+    truth = np.array([5.0, 0.2, 3.0])  # ms, ms per token (verified or drafted), ms per draft pass
     fit = StepCost()
     for _ in range(400):
         verified, drafted = int(rng.integers(1, 300)), int(rng.integers(0, 2)) * int(rng.integers(1, 200))
-        ms = truth @ [1, verified, drafted, drafted > 0] * rng.uniform(0.97, 1.03)
+        ms = truth @ [1, verified + drafted, drafted > 0] * rng.uniform(0.97, 1.03)
         fit.observe(verified, drafted, ms / 1e3)
     assert np.allclose(fit.coefficients(), truth, rtol=0.15, atol=0.3)
 
@@ -86,6 +105,7 @@ class Machine:
         self.cost, self.accept, self.n = np.array(cost), accept, n
         self.rng = np.random.default_rng(seed)
         self.now = 0.0
+        self.tokens = 0
         self.auto = AutoK(K, clock=lambda: self.now)
 
     def run(self, steps: int) -> list[list[int]]:
@@ -94,25 +114,40 @@ class Machine:
         plans = []
         for _ in range(steps):
             verified = self.n + sum(drafts)
+            self.tokens += self.n
             for r, k in zip(req_ids, drafts):
                 if k:
                     trials = self.rng.random(k) < self.accept  # accepted up to the first rejection
-                    self.auto.observe_drafts(r, k, k if trials.all() else int(np.argmin(trials)))
+                    accepted = k if trials.all() else int(np.argmin(trials))
+                    self.auto.observe_drafts(r, k, accepted)
+                    self.tokens += accepted
             drafts = self.auto.plan(req_ids, verified, self.n)
             plans.append(drafts)
             drafted = max(drafts) * sum(k > 0 for k in drafts)
-            self.now += self.cost @ [1, verified, drafted, drafted > 0] / 1e3
+            self.now += self.cost @ [1, verified + drafted, drafted > 0] / 1e3
         return plans
 
 
 def test_auto_k_never_drafts_where_drafting_costs_more_than_it_gives():
-    plans = Machine(cost=[1.0, 2.0, 2.0, 2.0], accept=0.6).run(400)
-    steady = plans[100:]
+    machine = Machine(cost=[1.0, 2.0, 2.0], accept=0.6)
+    machine.run(100)
+    start_time, start_tokens = machine.now, machine.tokens
+    steady = machine.run(500)
     drafting = [p for p in steady if any(p)]
-    assert len(drafting) <= len(steady) // PROBE_EVERY + 1  # only the probes draft
+    assert len(drafting) <= len(steady) // PROBE_MIN + 1  # only the probes draft
+    plain_rate = 4 / (1.0 + 2.0 * 4)  # tokens per ms without drafts
+    assert (machine.tokens - start_tokens) / (machine.now - start_time) >= (1 - 2 * PROBE_BUDGET) * plain_rate
 
 
 def test_auto_k_drafts_all_k_where_drafts_are_cheap_and_accepted():
-    plans = Machine(cost=[20.0, 0.05, 0.05, 1.0], accept=0.95).run(400)
+    plans = Machine(cost=[20.0, 0.05, 1.0], accept=0.95).run(600)
     steady = plans[100:]
-    assert sum(p == [K] * 4 for p in steady) >= len(steady) - len(steady) // PROBE_EVERY - 1
+    assert sum(p == [K] * 4 for p in steady) >= len(steady) * (1 - PROBE_BUDGET * 2)
+
+
+def test_auto_k_follows_the_machine_when_drafting_stops_paying():
+    machine = Machine(cost=[20.0, 0.05, 1.0], accept=0.95)
+    machine.run(300)
+    machine.cost = np.array([1.0, 2.0, 2.0])  # e.g. the batch grew on a machine where tokens cost
+    plans = machine.run(1200)[-400:]
+    assert sum(any(p) for p in plans) <= 400 // PROBE_MIN + 1

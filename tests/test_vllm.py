@@ -204,29 +204,38 @@ def test_auto_k_is_the_default_and_exact(plain_greedy, monkeypatch):
     assert not mismatched, f"prompts {mismatched} differ from decoding without speculation"
 
 
-def test_batch_size_schedule(plain_greedy, monkeypatch):
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_batch_size_schedule(plain_greedy, monkeypatch, async_scheduling):
     """vLLM's num_speculative_tokens_per_batch_size with sdsat: K = 0 while more than 8 requests run
-    (plain steps: no drafts to verify), K = 4 below, as requests of different lengths finish."""
+    (plain steps: no drafts to verify, and, without async scheduling, vLLM's plain path with no round
+    trip for drafts after them), K = 4 below, as requests of different lengths finish."""
     from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     steps, original = [], Scheduler.schedule
+    takes, original_take = [], GPUModelRunner.take_draft_token_ids
 
-    def schedule(self, *args, **kwargs):  # (batch size, drafts verified) per step
+    def schedule(self, *args, **kwargs):  # (batch size, drafts verified, draft width) per step
         out = original(self, *args, **kwargs)
-        steps.append((len(out.num_scheduled_tokens), sum(map(len, out.scheduled_spec_decode_tokens.values()))))
+        steps.append((len(out.num_scheduled_tokens), sum(map(len, out.scheduled_spec_decode_tokens.values())),
+                      out.num_spec_tokens_to_schedule))
         return out
 
     monkeypatch.setattr(Scheduler, "schedule", schedule)
+    monkeypatch.setattr(GPUModelRunner, "take_draft_token_ids", lambda self: takes.append(1) or original_take(self))
     llm = make_llm({"method": "sdsat", "num_speculative_tokens": 4,
-                    "num_speculative_tokens_per_batch_size": [(1, 8, 4), (9, 64, 0)]})
+                    "num_speculative_tokens_per_batch_size": [(1, 8, 4), (9, 64, 0)]},
+                   async_scheduling=async_scheduling)
     lengths = [8 * (i + 1) for i in range(len(PROMPTS))]
     outs = llm.generate(PROMPTS, [SamplingParams(max_tokens=n, temperature=0) for n in lengths], use_tqdm=False)
     del llm
     gc.collect()
     # Drafts verified in a step were made in the step before it, for that step's batch.
-    verified_after_large = [v for (before, _), (_, v) in zip(steps, steps[1:]) if before > 8]
+    verified_after_large = [v for (before, _, _), (_, v, _) in zip(steps, steps[1:]) if before > 8]
     assert verified_after_large and not any(verified_after_large)
-    assert any(v for _, v in steps), "no step verified drafts"
+    assert any(v for _, v, _ in steps), "no step verified drafts"
+    if not async_scheduling:  # the engine core asks for drafts only after steps that made some
+        assert len(takes) == sum(width > 0 for _, _, width in steps) > 0
     mismatched = [i for i, o in enumerate(outs)
                   if list(o.outputs[0].token_ids) != list(plain_greedy[0][i][:lengths[i]])]
     assert not mismatched, f"prompts {mismatched} differ from decoding without speculation"

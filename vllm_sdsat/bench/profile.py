@@ -158,15 +158,16 @@ def summarize(steps: list[dict]) -> dict:
 def parse_method(text: str) -> tuple[str, str, dict | None]:
     """"none" | "ngram:K" | "sdsat:K" | "sdsat:auto" | "sdsat:0" -> (label, method, speculative_config).
 
-    "sdsat:0" is an SDSAT engine whose batch-size schedule gives K = 0 at every size: each step is a plain
-    step inside the speculative engine, which shows what its machinery costs when nothing is drafted."""
+    "sdsat:0" is an SDSAT engine (K = 7, the embedded checkpoint's) whose batch-size schedule gives K = 0 at
+    every size: each step is a plain step inside the speculative engine, which shows what its machinery
+    costs when nothing is drafted."""
     method, _, k = text.strip().partition(":")
     if method == "none":
         return "none", "none", None
     if method == "sdsat" and k == "auto":
         return "sdsat K=auto", method, {"method": method}
     if method == "sdsat" and k == "0":
-        return "sdsat K=0", method, {"method": method, "num_speculative_tokens": 1,
+        return "sdsat K=0", method, {"method": method, "num_speculative_tokens": 7,
                                      "num_speculative_tokens_per_batch_size": [(1, 1 << 20, 0)]}
     if method not in ("ngram", "sdsat") or not k.isdigit() or int(k) < 1:
         raise ValueError(f"bad method {text!r}: expected none, ngram:K, sdsat:K, sdsat:auto or sdsat:0")

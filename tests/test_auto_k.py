@@ -102,7 +102,7 @@ class Machine:
     probability `accept`, the clock advanced by each step's cost."""
 
     def __init__(self, cost, accept, n=4, seed=0):
-        self.cost, self.accept, self.n = np.array(cost), accept, n
+        self.cost, self.accept, self.n = cost if callable(cost) else np.array(cost), accept, n
         self.rng = np.random.default_rng(seed)
         self.now = 0.0
         self.tokens = 0
@@ -124,7 +124,8 @@ class Machine:
             drafts = self.auto.plan(req_ids, verified, self.n)
             plans.append(drafts)
             drafted = max(drafts) * sum(k > 0 for k in drafts)
-            self.now += self.cost @ [1, verified + drafted, drafted > 0] / 1e3
+            ms = self.cost(verified, drafted) if callable(self.cost) else self.cost @ [1, verified + drafted, drafted > 0]
+            self.now += ms / 1e3
         return plans
 
 
@@ -151,3 +152,33 @@ def test_auto_k_follows_the_machine_when_drafting_stops_paying():
     machine.cost = np.array([1.0, 2.0, 2.0])  # e.g. the batch grew on a machine where tokens cost
     plans = machine.run(1200)[-400:]
     assert sum(any(p) for p in plans) <= 400 // PROBE_MIN + 1
+
+
+def test_auto_k_fits_each_batch_size_on_its_own():
+    """A machine where a forward of up to 16 tokens costs what one token costs, and more cost 0.3 ms
+    each: drafting pays alone, not at batch 16. The batch alternates between the two, as static
+    batches do when they drain. One line through both sizes gets both wrong."""
+    machine = Machine(cost=lambda verified, drafted: 2.0 + 0.3 * max(0, verified - 16) + 0.3 * drafted,
+                      accept=0.95, n=1)
+    drafting_in_batch = full_k_alone = 0
+    for cycle in range(15):
+        machine.n = 16
+        batch = machine.run(40)
+        machine.n = 1
+        alone = machine.run(40)
+        if cycle >= 5:
+            drafting_in_batch += sum(any(p) for p in batch)
+            full_k_alone += sum(p == [K] for p in alone)
+    assert full_k_alone >= 390 and drafting_in_batch <= 400 // PROBE_MIN + 10
+
+
+def test_steps_across_an_idle_gap_or_with_prefill_are_not_timed():
+    now = [0.0]
+    auto = AutoK(K, clock=lambda: now[0])
+    for step in range(20):
+        ids = [f"batch{step // 5}"]  # a new request every 5 steps, after the last one finished
+        now[0] += 100.0 if step % 5 == 0 else 0.002
+        auto.plan(ids, 1 + 100 * (step % 5 == 1), 1 + 100 * (step % 5 == 1))  # and a 100-token prefill
+    # Step s is timed when step s + 1 starts: not the first 4 (settling), prefills, or steps before a gap.
+    expected = [s for s in range(4, 19) if s % 5 not in (1, 4)]
+    assert sum(c.steps for c in auto.costs.values()) == len(expected)

@@ -25,7 +25,7 @@ import numpy as np
 
 PROBE_BUDGET = 0.01   # at most this fraction of the tokens spent on probes of the choice not taken
 PROBE_MIN, PROBE_MAX = 16, 256  # steps between probes
-WARMUP_STEPS = 18     # steps timed before the cost fit is trusted (they cycle widths K, 0 and K/2)
+WARMUP_STEPS = 8      # steps timed per batch-size class before its cost fit is trusted (widths K, 0, K/2)
 REPLAN_EVERY = 4      # steps a choice is kept while the batch stays the same
 SETTLE_STEPS = 4      # the engine's first steps, never timed: they include one-time set-up
 PRIOR_WEIGHT = 2.0    # how many observations of all requests' acceptance a request's own estimate starts with
@@ -109,10 +109,14 @@ class StepCost:
     def __init__(self):
         self.theta = np.zeros(3)
         self.cov = np.eye(3) * 1e3
-        self.steps = 0
+        self.steps = self.outliers = 0
 
     def observe(self, verified: int, drafted: int, seconds: float) -> None:
         x = np.array([1.0, verified + drafted, float(drafted > 0)]) * self.SCALE
+        outlier = self.steps >= WARMUP_STEPS and seconds * 1e3 > 3 * max(x @ self.theta, 1e-3)
+        self.outliers = self.outliers + 1 if outlier else 0
+        if 0 < self.outliers <= 2:
+            return  # one-time set-up (kernels for a new shape), unless it persists: then the machine changed
         gain = self.cov @ x / (self.FORGET + x @ self.cov @ x)
         self.theta = self.theta + gain * (seconds * 1e3 - x @ self.theta)  # in milliseconds
         self.cov = (self.cov - np.outer(gain, x @ self.cov)) / self.FORGET
@@ -165,10 +169,9 @@ class AutoK:
     def __init__(self, k_max: int, clock=time.perf_counter):
         self.k_max = k_max
         self.acceptance = Acceptance(k_max)
-        self.cost = StepCost()
+        self.costs: dict[int, StepCost] = {}  # per batch-size class (1, 2-3, 4-7, ...): local fits
         self.clock = clock
-        self.last: tuple[float, int, int] | None = None  # (time, verified tokens, draft tokens) of the last step
-        self.typical: float | None = None  # running mean of timed step seconds
+        self.last: tuple | None = None  # (time, request ids, decode only, verified tokens, draft tokens) of the last step
         self.decisions = self.seen = self.since_probe = 0
         # Warm-up widths: drafting and not, at two widths, so that every coefficient of the fit is seen.
         self.warmup = (k_max, k_max, 0, 0, (k_max + 1) // 2, (k_max + 1) // 2)
@@ -182,34 +185,41 @@ class AutoK:
         computes; `base_tokens`: those that are not drafts (what the next step costs besides drafts)."""
         now = self.clock()
         if self.last is not None:
-            self._time_step(now - self.last[0], *self.last[1:])
+            self._time_step(now - self.last[0], req_ids, *self.last[1:])
         self.decisions += 1
         self.since_probe += 1
         if not req_ids:
             counts = np.zeros(0, dtype=np.int64)
-        elif self.cost.steps < WARMUP_STEPS:
-            counts = np.full(len(req_ids), self.warmup[self.decisions % len(self.warmup)])
+        elif (cost := self._cost(len(req_ids))).steps < WARMUP_STEPS:
+            counts = np.full(len(req_ids), self.warmup[cost.steps % len(self.warmup)])
         else:
             if self.choice is None or self.choice[0] != req_ids or self.decisions >= self.choice[1]:
                 self.choice = (req_ids, self.decisions + REPLAN_EVERY, *self._choose(req_ids, base_tokens))
             _, _, counts, other, interval = self.choice
             if self.since_probe >= interval:
                 counts, self.since_probe = other, 0
-        self.last = (now, verified_tokens, int(counts.max(initial=0)) * int((counts > 0).sum()))
+        self.last = (now, req_ids, base_tokens == len(req_ids), verified_tokens,
+                     int(counts.max(initial=0)) * int((counts > 0).sum()))
         return counts.tolist()
 
-    def _time_step(self, seconds: float, verified: int, drafted: int) -> None:
+    def _cost(self, num_requests: int) -> StepCost:
+        """The step-cost fit for batches of about this size. One line cannot fit step time from 1 to
+        1000 tokens (a forward of a few tokens costs nearly what one token costs; past some size,
+        cost grows with tokens), so each power-of-two class of batch size has its own."""
+        return self.costs.setdefault(num_requests.bit_length(), StepCost())
+
+    def _time_step(self, seconds: float, next_req_ids: list[str], req_ids: list[str], decode_only: bool,
+                   verified: int, drafted: int) -> None:
+        """Time the last step, if it was a step of decodes alone (prefill tokens cost otherwise) and the
+        engine went on with some of its requests (otherwise it may have been idle before this one)."""
         self.seen += 1
-        # Not steps: the engine's first ones (one-time kernel set-up) and gaps (the engine idle between
-        # requests), which are far above the typical step.
-        if self.seen <= SETTLE_STEPS or (self.typical is not None and seconds > 4 * self.typical):
-            return
-        self.cost.observe(verified, drafted, seconds)
-        self.typical = seconds if self.typical is None else 0.9 * self.typical + 0.1 * seconds
+        if self.seen > SETTLE_STEPS and decode_only and not set(req_ids).isdisjoint(next_req_ids):
+            self._cost(len(req_ids)).observe(verified, drafted, seconds)
 
     def _choose(self, req_ids: list[str], base_tokens: int) -> tuple[np.ndarray, np.ndarray, float]:
         """(the better plan, the better plan of the other kind (drafting or not), steps between probes)."""
-        n, cost = len(req_ids), self.cost.coefficients()
+        n = len(req_ids)
+        cost = self._cost(n).coefficients()
         drafts, drafting_rate = best_drafting_plan(self.acceptance.expected_tokens(req_ids), cost, base_tokens)
         plain_rate = n / step_ms(cost, base_tokens, np.zeros(n))
         plain = np.zeros(n, dtype=np.int64)

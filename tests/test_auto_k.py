@@ -88,13 +88,16 @@ def test_choice_is_close_to_the_best_by_brute_force(seed):
 
 def test_step_cost_fit_recovers_the_machine():
     rng = np.random.default_rng(0)
-    truth = np.array([5.0, 0.2, 3.0])  # ms, ms per token (verified or drafted), ms per draft pass
+    # ms, ms per token (verified or drafted), ms per draft pass, ms per step that verifies drafts
+    truth = np.array([5.0, 0.2, 3.0, 1.0])
     fit = StepCost()
     for _ in range(400):
         verified, drafted = int(rng.integers(1, 300)), int(rng.integers(0, 2)) * int(rng.integers(1, 200))
-        ms = truth @ [1, verified + drafted, drafted > 0] * rng.uniform(0.97, 1.03)
-        fit.observe(verified, drafted, ms / 1e3)
-    assert np.allclose(fit.coefficients(), truth, rtol=0.15, atol=0.3)
+        verifying = bool(rng.integers(0, 2))
+        ms = truth @ [1, verified + drafted, drafted > 0, verifying] * rng.uniform(0.97, 1.03)
+        fit.observe(verified, drafted, verifying, ms / 1e3)
+    assert np.allclose(np.maximum(fit.theta * fit.SCALE, 0), truth, rtol=0.15, atol=0.3)
+    assert np.allclose(fit.coefficients(), [5.0, 0.2, 4.0], rtol=0.15, atol=0.3)  # drafting pays both fixed costs
 
 
 class Machine:

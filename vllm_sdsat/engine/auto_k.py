@@ -98,21 +98,26 @@ class Acceptance:
 
 
 class StepCost:
-    """Least-squares fit of step ms = a + b * (verified + draft-pass tokens) + d * [draft pass], updated
-    recursively with forgetting (recent steps weigh more). A draft token and a verified token cost the
-    same (both are tokens of a forward of the same model); with separate prices the two are collinear
-    whenever every request drafts the step's width, and the fit cannot tell them apart."""
+    """Least-squares fit of step ms = a + b * (verified + draft-pass tokens) + d * [draft pass]
+    + e * [drafts verified], updated recursively with forgetting (recent steps weigh more).
+
+    A draft token and a verified token cost the same (both are tokens of a forward of the same model);
+    with separate prices the two are collinear whenever every request drafts the step's width. The two
+    fixed costs of drafting fall in different steps: the draft pass in the step that drafts, vLLM's
+    speculative verification (rejection sampler, spec metadata, the draft round trip) in the next one.
+    A plan that keeps drafting pays both every step; apart, they keep the step after a switch from
+    being charged to the tokens."""
 
     FORGET = 0.98
-    SCALE = np.array([1.0, 1e-2, 1.0])  # tokens in hundreds: a well-conditioned fit
+    SCALE = np.array([1.0, 1e-2, 1.0, 1.0])  # tokens in hundreds: a well-conditioned fit
 
     def __init__(self):
-        self.theta = np.zeros(3)
-        self.cov = np.eye(3) * 1e3
+        self.theta = np.zeros(4)
+        self.cov = np.eye(4) * 1e3
         self.steps = self.outliers = 0
 
-    def observe(self, verified: int, drafted: int, seconds: float) -> None:
-        x = np.array([1.0, verified + drafted, float(drafted > 0)]) * self.SCALE
+    def observe(self, verified: int, drafted: int, verifying: bool, seconds: float) -> None:
+        x = np.array([1.0, verified + drafted, float(drafted > 0), float(verifying)]) * self.SCALE
         outlier = self.steps >= WARMUP_STEPS and seconds * 1e3 > 3 * max(x @ self.theta, 1e-3)
         self.outliers = self.outliers + 1 if outlier else 0
         if 0 < self.outliers <= 2:
@@ -123,9 +128,10 @@ class StepCost:
         self.steps += 1
 
     def coefficients(self) -> tuple[float, float, float]:
-        """(a, b, d) in ms and ms per token, clipped at 0: a fit to noise must not make tokens free."""
-        a, b, d = np.maximum(self.theta * self.SCALE, 0.0)
-        return max(a, 1e-3), max(b, 1e-6), d
+        """(a, b, d + e): ms, ms per token, and the fixed cost per step of drafting, clipped at 0: a fit
+        to noise must not make tokens free."""
+        a, b, d, e = np.maximum(self.theta * self.SCALE, 0.0)
+        return max(a, 1e-3), max(b, 1e-6), d + e
 
 
 def step_ms(cost: tuple[float, float, float], base_tokens: int, k: np.ndarray) -> float:
@@ -171,7 +177,8 @@ class AutoK:
         self.acceptance = Acceptance(k_max)
         self.costs: dict[int, StepCost] = {}  # per batch-size class (1, 2-3, 4-7, ...): local fits
         self.clock = clock
-        self.last: tuple | None = None  # (time, request ids, decode only, verified tokens, draft tokens) of the last step
+        self.last: tuple | None = None  # (time, request ids, decode only, verified tokens, draft tokens,
+        #                                  whether it verified drafts) of the last step
         self.decisions = self.seen = self.since_probe = 0
         # Warm-up widths: drafting and not, at two widths, so that every coefficient of the fit is seen.
         self.warmup = (k_max, k_max, 0, 0, (k_max + 1) // 2, (k_max + 1) // 2)
@@ -199,22 +206,25 @@ class AutoK:
             if self.since_probe >= interval:
                 counts, self.since_probe = other, 0
         self.last = (now, req_ids, base_tokens == len(req_ids), verified_tokens,
-                     int(counts.max(initial=0)) * int((counts > 0).sum()))
+                     int(counts.max(initial=0)) * int((counts > 0).sum()), verified_tokens > base_tokens)
         return counts.tolist()
 
     def _cost(self, num_requests: int) -> StepCost:
         """The step-cost fit for batches of about this size. One line cannot fit step time from 1 to
         1000 tokens (a forward of a few tokens costs nearly what one token costs; past some size,
         cost grows with tokens), so each power-of-two class of batch size has its own."""
-        return self.costs.setdefault(num_requests.bit_length(), StepCost())
+        size_class = num_requests.bit_length()
+        if size_class not in self.costs:
+            self.costs[size_class] = StepCost()
+        return self.costs[size_class]
 
     def _time_step(self, seconds: float, next_req_ids: list[str], req_ids: list[str], decode_only: bool,
-                   verified: int, drafted: int) -> None:
+                   verified: int, drafted: int, verifying: bool) -> None:
         """Time the last step, if it was a step of decodes alone (prefill tokens cost otherwise) and the
         engine went on with some of its requests (otherwise it may have been idle before this one)."""
         self.seen += 1
         if self.seen > SETTLE_STEPS and decode_only and not set(req_ids).isdisjoint(next_req_ids):
-            self._cost(len(req_ids)).observe(verified, drafted, seconds)
+            self._cost(len(req_ids)).observe(verified, drafted, verifying, seconds)
 
     def _choose(self, req_ids: list[str], base_tokens: int) -> tuple[np.ndarray, np.ndarray, float]:
         """(the better plan, the better plan of the other kind (drafting or not), steps between probes)."""

@@ -118,6 +118,16 @@ def test_build_specs_k_lists(model, tmp_path):
     assert [s.label for s in specs] == ["sdsat K=2", "sdsat K=4", "ngram K=3", "ngram K=5"]
 
 
+def test_hybrid_specs(model, tmp_path):
+    """`hybrid` (or `sdsat+ngram`) is sdsat with lookup 'ngram', at the same K values, beside plain sdsat."""
+    assert methods.parse_methods("sdsat+ngram,sdsat") == ["hybrid", "sdsat"]
+    specs, _ = methods.build_specs(["hybrid", "sdsat"], str(model), ks=["auto", 3], cache_dir=tmp_path)
+    by = {s.label: s.speculative_config for s in specs}
+    assert list(by) == ["sdsat K=auto", "sdsat K=3", "hybrid K=auto", "hybrid K=3"]
+    assert by["hybrid K=auto"] == {"method": "sdsat", "num_speculative_tokens": "auto", "lookup": "ngram"}
+    assert by["hybrid K=3"] == {"method": "sdsat", "num_speculative_tokens": 3, "lookup": "ngram"}
+
+
 def test_pard_copy(model, tmp_path):
     cache = tmp_path / "cache"
     for _ in range(2):  # rebuilt cleanly when it exists

@@ -44,7 +44,7 @@ from vllm.v1.utils import CpuGpuBuffer
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vllm_sdsat.config import SdsatConfigError
-from vllm_sdsat.engine.lookup import one_hot_probs
+from vllm_sdsat.engine.draft_sampling import one_hot_probs
 from vllm_sdsat.patches.auto_k import NUM_DRAFTS
 
 _original_bookkeeping = GPUModelRunner._bookkeeping_sync

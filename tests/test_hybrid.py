@@ -16,8 +16,9 @@ from test_vllm import P_BOUND, PROMPTS, SDSAT_MODEL, TOP_K, make_llm, min_p_valu
 from vllm_sdsat.config import SdsatConfigError  # noqa: E402
 
 os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with a function
-HYBRID = {"method": "sdsat", "lookup": "ngram"}
-# The model continues this list with more of the same: every step's last tokens occurred before.
+HYBRID = {"method": "sdsat", "lookup": "ngram", "prompt_lookup_min": 2}
+# The model continues this list with "1, 1, 1, ...": for its first 64 tokens every step's last two tokens
+# occurred before (checked with the HF model), so lookup always fires.
 REPEATING = "values = [" + ", ".join(str(i % 4) for i in range(40))
 MIXED = [REPEATING, *PROMPTS[:7]]  # one prompt where lookup fires, seven where it mostly does not
 GREEDY = SamplingParams(max_tokens=128, temperature=0)
@@ -109,9 +110,9 @@ def test_greedy_mixed_rows_equal_plain(plain_outputs, hybrid_llm):
 def test_lookup_only_batch_runs_no_draft_pass(plain_outputs, hybrid_llm):
     """A batch whose every drafting row has a lookup draft skips the draft pass, step after step."""
     hybrid_llm.collective_rpc(count_draft_forwards)
-    outs = hybrid_llm.generate([REPEATING] * 4, GREEDY, use_tqdm=False)
+    outs = hybrid_llm.generate([REPEATING] * 4, SamplingParams(max_tokens=64, temperature=0), use_tqdm=False)
     (calls, *_), (stats, *_) = hybrid_llm.collective_rpc(draft_forwards), hybrid_llm.collective_rpc(draft_stats)
-    assert all(list(o.outputs[0].token_ids) == plain_outputs[0] for o in outs)
+    assert all(list(o.outputs[0].token_ids) == plain_outputs[0][:64] for o in outs)
     assert stats["kinds"]["lookup"]["drafts"] > 0 and stats["kinds"]["adaptive"]["drafts"] == 0, stats
     assert calls == 0 and stats["draft_passes"] == 0
 
@@ -124,7 +125,7 @@ ECHO_PROMPT = 'def parse_config(path):\n    """Read the file.\n    """\n\n\ndef 
 def test_sampling_with_hybrid_matches_plain_distribution():
     plain, _ = sample_counts(None, seed=11, prompt=ECHO_PROMPT, params=TOP_K)
     stats = []
-    hybrid, _ = sample_counts(HYBRID | {"prompt_lookup_min": 2}, seed=12, prompt=ECHO_PROMPT, params=TOP_K,
+    hybrid, _ = sample_counts(HYBRID, seed=12, prompt=ECHO_PROMPT, params=TOP_K,
                               llm_kwargs={"async_scheduling": False},
                               after=lambda llm: stats.extend(llm.collective_rpc(draft_stats)))
     assert min_p_value(plain, hybrid) > P_BOUND

@@ -4,13 +4,16 @@ For each candidate row, vLLM's numba kernel (`batch_propose_numba`, `v1/spec_dec
 one vLLM's `ngram` method runs) finds the longest suffix of the request's tokens, `min_n`..`max_n` long, that
 occurred earlier in them, and proposes the up to `k` tokens that followed it. A row with a match takes
 that lookup draft; a row without one takes SDSAT's adaptive draft (`patches/draft_pass.py` decides).
-A lookup draft is a point mass: the rejection sampler gets q = one-hot for it (`one_hot_probs`).
+A lookup draft is a point mass: the rejection sampler gets q = one-hot for it
+(`engine/draft_sampling.py`, `one_hot_probs`).
+
+Imported only when a proposer with a lookup is built (in the worker, after vLLM's start-up): at plugin
+load time numba's objects would be in the modules vLLM's CPU platform scans for Triton kernels, which fails.
 
 Cost: host-only, O(tokens of the candidate rows) per step, no device work; numba compiles the kernel
 once per process (in `__init__`, about a second).
 """
 import numpy as np
-import torch
 from numba import get_num_threads, set_num_threads
 from vllm.v1.spec_decode.ngram_proposer import batch_propose_numba
 
@@ -37,12 +40,3 @@ class NgramLookup:
             set_num_threads(threads)
         return {r: self.drafts[r, :self.counts[r]].tolist() for r in rows if self.counts[r] > 0}
 
-
-def one_hot_probs(drafts: list[list[int]], width: int, vocab: int, device) -> torch.Tensor:
-    """q [rows, width, vocab] fp32 with a point mass on each draft token (zeros past a row's draft)."""
-    q = torch.zeros(len(drafts), width, vocab, dtype=torch.float32, device=device)
-    rows = [i for i, d in enumerate(drafts) for _ in d]
-    slots = [j for d in drafts for j in range(len(d))]
-    tokens = [t for d in drafts for t in d]
-    q[rows, slots, tokens] = 1.0
-    return q

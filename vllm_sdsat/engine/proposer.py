@@ -26,7 +26,6 @@ from vllm.v1.sample.metadata import SamplingMetadata
 from vllm_sdsat.config import SdsatConfig
 from vllm_sdsat.engine.draft_sampling import sample_drafts
 from vllm_sdsat.engine.draft_stats import DraftStats
-from vllm_sdsat.engine.lookup import NgramLookup
 
 
 class SdsatProposer:
@@ -39,9 +38,12 @@ class SdsatProposer:
         self.k = self.config.num_speculative_tokens
         self.adaptive_ids = torch.tensor(self.config.adaptive_ids(self.k - 1), dtype=torch.long)
         # Hybrid drafting: rows whose tokens end in an n-gram seen before take a lookup draft of up to K.
-        self.lookup = None if self.config.lookup == "none" else NgramLookup(
-            self.config.prompt_lookup_min, self.config.prompt_lookup_max, self.k, model_config.max_model_len,
-            vllm_config.scheduler_config.max_num_seqs)
+        self.lookup = None
+        if self.config.lookup != "none":
+            from vllm_sdsat.engine.lookup import NgramLookup  # numba: not at plugin load (see engine/lookup.py)
+            self.lookup = NgramLookup(
+                self.config.prompt_lookup_min, self.config.prompt_lookup_max, self.k, model_config.max_model_len,
+                vllm_config.scheduler_config.max_num_seqs)
         self.stats = DraftStats()
 
     def load_model(self, target_model) -> None:

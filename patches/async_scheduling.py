@@ -8,7 +8,8 @@ drafters on its on-device draft path (EAGLE/MTP, draft model, GPU n-gram, DSpark
 other method `async_scheduling=None` becomes False and an explicit True raises. SDSAT runs as
 `custom_class` but drafts on the device like a draft model (`patches/draft_pass.py`), so while an
 SDSAT config is built the gate's list of on-device methods includes `custom_class`. The gate's other
-conditions still apply, and `async_scheduling=False` still turns it off.
+conditions still apply, and `async_scheduling=False` still turns it off. With a `lookup` (hybrid
+drafting) SDSAT drafts partly on the host after bookkeeping, so vLLM's gate applies unchanged (off).
 
 The CPU platform then turns async scheduling off for every model ("not required on CPU"), and by
 default SDSAT follows it: measured at batch 1 on 2 cores, async scheduling makes SDSAT slower there
@@ -28,9 +29,13 @@ _ON_DEVICE_METHODS = vllm_config_module.NgramGPUTypes  # one of the two method l
 _explicitly_on = False  # while an SDSAT config is built: did the user ask for async scheduling?
 
 
+def _lookup(config: VllmConfig) -> str:
+    return (getattr(config.model_config.hf_config, "sdsat", None) or {}).get("lookup", "none")
+
+
 def __post_init__(self: VllmConfig) -> None:
     global _explicitly_on
-    if not is_sdsat(self.speculative_config):
+    if not is_sdsat(self.speculative_config) or _lookup(self) != "none":  # lookup drafts are host-side, like ngram's
         return _original_post_init(self)
     _explicitly_on = self.scheduler_config.async_scheduling is True
     vllm_config_module.NgramGPUTypes = Literal[(*get_args(_ON_DEVICE_METHODS), "custom_class")]

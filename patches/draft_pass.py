@@ -16,6 +16,14 @@ drafts the way vLLM's on-device drafters (EAGLE, draft model) do, with no host s
   scheduler needs them; with automatic K (`patches/auto_k.py`) and no async scheduling they go
   back as host lists of each request's own count.
 
+Hybrid drafting (`lookup: "ngram"`, synchronous scheduling only): among the rows that draft this step
+(automatic K's count, or the fixed K, above 0), those whose host token history (just updated by
+bookkeeping, as for vLLM's ngram method) ends in an n-gram seen before take the lookup draft, up to K
+tokens, and skip the draft pass, which covers only the remaining rows; a step where every drafting
+row has a lookup draft runs no draft pass. Drafts go back as host lists. When any request samples,
+lookup rows get a one-hot q beside the adaptive rows' own q, so one rejection sampler call stays
+lossless for both.
+
 The draft forward runs the target's compiled model like the verification forward does. On CPU vLLM
 traces the model once with a dynamic token count (`DYNAMO_TRACE_ONCE`, no guards, no CUDA graphs), so
 the draft's n*K tokens reuse that graph: no recompile, and a draft forward costs what a verification
@@ -26,6 +34,7 @@ import dataclasses
 
 import torch
 from vllm.config import CUDAGraphMode
+from vllm.distributed import get_tensor_model_parallel_rank
 from vllm.forward_context import set_forward_context
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
@@ -35,6 +44,7 @@ from vllm.v1.utils import CpuGpuBuffer
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vllm_sdsat.config import SdsatConfigError
+from vllm_sdsat.engine.draft_sampling import one_hot_probs
 from vllm_sdsat.patches.auto_k import NUM_DRAFTS
 
 _original_bookkeeping = GPUModelRunner._bookkeeping_sync
@@ -185,29 +195,59 @@ def propose_draft_token_ids(self: GPUModelRunner, scheduler_output, sampled_toke
         return _original_propose(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
                                  sample_hidden_states, aux_hidden_states, spec_decode_metadata,
                                  common_attn_metadata, *args, **kwargs)
-    # `sampled_token_ids` are the host lists of the custom_class path; `take_sampled` has read the device tensor.
+    # `sampled_token_ids` are the host lists of the custom_class path (empty under async scheduling);
+    # `take_sampled` has read the device tensor.
+    drafter = self.drafter
     req_ids = self.input_batch.req_ids
     per_request = getattr(scheduler_output, NUM_DRAFTS, None)  # set by patches/auto_k.py
     num_drafts = ([per_request.get(r, 0) for r in req_ids] if per_request is not None
                   else [scheduler_output.num_spec_tokens_to_schedule] * len(req_ids))
+    if spec_decode_metadata is not None:
+        drafter.stats.verified(req_ids, spec_decode_metadata.num_draft_tokens, sampled_token_ids)
     if not self.use_async_scheduling and not any(num_drafts):  # nothing to draft: hand back no drafts
         self._draft_probs = self._draft_prob_req_ids = None
         return [[] for _ in req_ids]
-    rows, drafts, probs = self.drafter.propose_from_target(target, common_attn_metadata, spec_decode_metadata,
-                                                          sampling_metadata, num_drafts)
-    drafting = list(req_ids) if rows is None else [req_ids[i] for i in rows.tolist()]
+    lookup = _lookup_drafts(self, num_drafts, sampled_token_ids) if drafter.lookup is not None else {}
+    adaptive = [0 if i in lookup else k for i, k in enumerate(num_drafts)]
+    rows, drafts, probs = drafter.propose_from_target(target, common_attn_metadata, spec_decode_metadata,
+                                                     sampling_metadata, adaptive)
+    drafting = list(range(len(req_ids))) if rows is None else rows.tolist()
+    width = drafts.shape[1]
+    made = {req_ids[i]: ("adaptive", min(adaptive[i], width)) for i in drafting}
+    made.update((req_ids[i], ("lookup", len(d))) for i, d in lookup.items())
+    drafter.stats.drafted(made, draft_pass=width > 0)
+    if get_tensor_model_parallel_rank() == 0:  # one log line per engine, not per TP rank
+        drafter.stats.maybe_log()
     self._draft_probs = probs
-    self._draft_prob_req_ids = None if probs is None else drafting
+    self._draft_prob_req_ids = None if probs is None else [req_ids[i] for i in drafting]
+    if lookup:  # synchronous (patches/speculative_config.py): host lists of each row's own drafts
+        by_row = dict(zip(drafting, drafts.tolist()))
+        lists = [lookup[i] if i in lookup else by_row.get(i, [])[:k] for i, k in enumerate(adaptive)]
+        if probs is not None:  # q for every drafting row: the adaptive rows' own, one-hot for lookup rows
+            self._draft_probs = one_hot_probs([lookup.get(i, []) for i in range(len(req_ids))],
+                                              max(map(len, lists)), probs.shape[-1], probs.device)
+            self._draft_probs[torch.tensor(drafting, device=probs.device), :width] = probs
+            self._draft_prob_req_ids = list(req_ids)
+        return lists
     if not self.use_async_scheduling and per_request is not None:
         # The scheduler takes each request's drafts as they come: exactly its own count, none for rows
         # that did not draft. (One host copy, which the synchronous path makes for drafts anyway.)
         by_row = dict(zip(drafting, drafts.tolist()))
-        return [by_row.get(r, [])[:k] for r, k in zip(req_ids, num_drafts)]
+        return [by_row.get(i, [])[:k] for i, k in enumerate(num_drafts)]
     if rows is not None:  # async: a row of the [num_reqs, width] tensor per request; the scheduler's
         full = drafts.new_zeros((len(req_ids), drafts.shape[1]))  # placeholders take each one's count
         full[rows.to(drafts.device, non_blocking=True)] = drafts
         drafts = full
     return drafts
+
+
+def _lookup_drafts(runner: GPUModelRunner, num_drafts: list[int], sampled: list[list[int]]) -> dict[int, list[int]]:
+    """{row: lookup draft} for rows that draft this step, sampled a token (not mid-prefill) and are below
+    the model length, read from the runner's host token history, which bookkeeping has just updated."""
+    batch = runner.input_batch
+    rows = [i for i, (k, tokens) in enumerate(zip(num_drafts, sampled))
+            if k and tokens and batch.num_tokens_no_spec[i] < runner.max_model_len]
+    return runner.drafter.lookup.propose(rows, batch.num_tokens_no_spec, batch.token_ids_cpu)
 
 
 def apply() -> None:

@@ -12,10 +12,15 @@ target's hf_config, which travels with the VllmConfig to every worker.
 building the model and parallel configs and before the engine starts or any weights load), so what the
 draft pass cannot do is refused there with one SdsatConfigError line; see `unsupported`. LoRA is read
 from the EngineArgs (`enable_lora`), since its LoRAConfig is built after the speculative config.
+
+`lookup` (hybrid drafting, `engine/lookup.py`) and vLLM's `prompt_lookup_min`/`prompt_lookup_max` go
+into the `sdsat` block too (vLLM zeroes the latter for custom_class). Lookup drafts read each
+request's tokens on the host after bookkeeping, which async scheduling leaves a step behind, so a
+lookup with `async_scheduling=True` is refused here and `patches/async_scheduling.py` leaves it off.
 """
 from vllm.engine.arg_utils import EngineArgs
 
-from vllm_sdsat.config import SdsatConfig, SdsatConfigError
+from vllm_sdsat.config import LOOKUP_KEYS, SdsatConfig, SdsatConfigError
 
 PROPOSER_PATH = "vllm_sdsat.engine.proposer.SdsatProposer"
 SDSAT_KEYS = ("adaptive_token_ids", "max_adaptive_tokens")
@@ -84,7 +89,7 @@ def resolve(spec: dict, target_model_config, target_parallel_config, enable_lora
     if why:
         raise SdsatConfigError(f"sdsat: {why}")
     hf_config = target_model_config.hf_config
-    overrides = {k: spec.pop(k) for k in (*SDSAT_KEYS, "num_speculative_tokens") if k in spec}
+    overrides = {k: spec.pop(k) for k in (*SDSAT_KEYS, *LOOKUP_KEYS, "num_speculative_tokens") if k in spec}
     # K "auto" is the default, unless the user gives a K or vLLM's batch-size schedule of K.
     schedule = spec.get("num_speculative_tokens_per_batch_size")
     if overrides.get("num_speculative_tokens") is None and schedule is None:
@@ -94,11 +99,24 @@ def resolve(spec: dict, target_model_config, target_parallel_config, enable_lora
                                "num_speculative_tokens_per_batch_size (or give a fixed K with the schedule)")
     cfg = SdsatConfig.resolve(getattr(hf_config, "sdsat", None), overrides, target_model_config.get_vocab_size(),
                               source=str(target_model_config.model))
+    if cfg.lookup == "suffix":
+        raise SdsatConfigError(f"sdsat: {suffix_refusal()}")
     hf_config.sdsat = cfg.to_dict()
     if cfg.auto:  # vLLM's dynamic-K mode, with K at every batch size; patches/auto_k.py picks each step's K
         spec["num_speculative_tokens_per_batch_size"] = [(1, _ANY_BATCH, cfg.num_speculative_tokens)]
     spec.update(method="custom_class", model=PROPOSER_PATH, num_speculative_tokens=cfg.num_speculative_tokens)
     return spec, cfg
+
+
+def suffix_refusal() -> str:
+    """Why lookup 'suffix' cannot run: Arctic Inference's suffix tree is missing, or (when present) hybrid
+    drafting with it is not built yet."""
+    try:
+        import arctic_inference.suffix_decoding  # noqa: F401
+    except ImportError as e:
+        return (f"lookup 'suffix' needs Arctic Inference's suffix tree, which is not importable here ({e}); "
+                "build it with `vllm-sdsat bench --build-suffix`, or use lookup 'ngram'")
+    return "lookup 'suffix' is not implemented yet (Arctic Inference is importable); use lookup 'ngram'"
 
 
 def create_speculative_config(self: EngineArgs, target_model_config, target_parallel_config):
@@ -109,8 +127,12 @@ def create_speculative_config(self: EngineArgs, target_model_config, target_para
             if value is not None:
                 spec.setdefault(key, value)
         self.spec_method = self.spec_model = self.spec_tokens = None
-        self.speculative_config, _ = resolve(spec, target_model_config, target_parallel_config,
-                                              enable_lora=bool(self.enable_lora))
+        self.speculative_config, cfg = resolve(spec, target_model_config, target_parallel_config,
+                                                enable_lora=bool(self.enable_lora))
+        if cfg.lookup != "none" and self.async_scheduling is True:
+            raise SdsatConfigError(f"sdsat: lookup {cfg.lookup!r} reads each request's tokens on the host after the "
+                                   "step, which async scheduling leaves a step behind; use async_scheduling=False "
+                                   "(or leave it unset), or lookup 'none'")
     return _original(self, target_model_config, target_parallel_config)
 
 

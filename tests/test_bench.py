@@ -58,7 +58,7 @@ def test_defaults():
     args = parse()
     assert args.func is cli.run_cli
     opts = cli.resolve_options(args)
-    assert opts.methods == list(methods.METHODS)
+    assert opts.methods == [m for m in methods.METHODS if m != "hybrid"]  # hybrid only when asked for
     assert opts.batch_sizes == opts.sampling_batch_sizes == [1, 4, 16, 64]
     assert opts.temperatures == [0.0, 0.2, 1.0] and opts.top_p == 0.95
     assert (opts.prompts, opts.max_tokens, opts.repeats, opts.dtype) == (164, 256, 3, "bfloat16")
@@ -116,6 +116,16 @@ def test_build_specs_k_lists(model, tmp_path):
     specs, _ = methods.build_specs(["sdsat", "ngram"], str(model), ks=[2, 4], baseline_ks=[3, 5],
                                  cache_dir=tmp_path)
     assert [s.label for s in specs] == ["sdsat K=2", "sdsat K=4", "ngram K=3", "ngram K=5"]
+
+
+def test_hybrid_specs(model, tmp_path):
+    """`hybrid` (or `sdsat+ngram`) is sdsat with lookup 'ngram', at the same K values, beside plain sdsat."""
+    assert methods.parse_methods("sdsat+ngram,sdsat") == ["hybrid", "sdsat"]
+    specs, _ = methods.build_specs(["hybrid", "sdsat"], str(model), ks=["auto", 3], cache_dir=tmp_path)
+    by = {s.label: s.speculative_config for s in specs}
+    assert list(by) == ["sdsat K=auto", "sdsat K=3", "hybrid K=auto", "hybrid K=3"]
+    assert by["hybrid K=auto"] == {"method": "sdsat", "num_speculative_tokens": "auto", "lookup": "ngram"}
+    assert by["hybrid K=3"] == {"method": "sdsat", "num_speculative_tokens": 3, "lookup": "ngram"}
 
 
 def test_pard_copy(model, tmp_path):

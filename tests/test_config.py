@@ -27,6 +27,27 @@ def test_bad_blocks(block, message):
         SdsatConfig.from_dict(block)
 
 
+@pytest.mark.parametrize("extra, message", [
+    ({"lookup": "ngarm"}, "lookup must be one of 'none', 'ngram', 'suffix'"),
+    ({"lookup": "ngram", "prompt_lookup_min": 3, "prompt_lookup_max": 2}, "1 <= prompt_lookup_min <= prompt_lookup_max"),
+    ({"lookup": "ngram", "prompt_lookup_max": 0}, "1 <= prompt_lookup_min"),
+    ({"lookup": "ngram", "prompt_lookup_min": "3"}, "must be integers"),
+    ({"prompt_lookup_min": 2}, "given without lookup"),
+])
+def test_bad_lookup_settings(extra, message):
+    with pytest.raises(SdsatConfigError, match=message):
+        SdsatConfig.from_dict({"adaptive_token_ids": [2], **extra})
+
+
+def test_lookup_settings_round_trip():
+    cfg = SdsatConfig.from_dict({"adaptive_token_ids": [2], "max_adaptive_tokens": 6, "lookup": "ngram",
+                                 "prompt_lookup_min": 7})
+    assert (cfg.lookup, cfg.prompt_lookup_min, cfg.prompt_lookup_max) == ("ngram", 7, 7)  # max follows a larger min
+    assert SdsatConfig.from_dict(cfg.to_dict()) == cfg
+    assert set(SdsatConfig((2,), 1).to_dict()) == {"adaptive_token_ids", "max_adaptive_tokens",
+                                                  "num_speculative_tokens"}  # 'none': the trainer's block
+
+
 def test_round_trip_through_config_json(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 100}))
     with pytest.raises(SdsatConfigError, match="no 'sdsat' block"):

@@ -248,16 +248,20 @@ TOP_K = SamplingParams(max_tokens=5, temperature=1.0, top_k=20, ignore_eos=True)
 TOP_P = SamplingParams(max_tokens=5, temperature=0.8, top_p=0.9, ignore_eos=True)
 
 
-def sample_counts(spec, seed, n=2000, env=None, params=TOP_K, greedy_prompts=()):
-    """Token counts per generated position for n samples of DOCSTRING_PROMPT, and the token ids of
-    `greedy_prompts` decoded greedily (5 tokens) in the same batch."""
+def sample_counts(spec, seed, n=2000, env=None, params=TOP_K, greedy_prompts=(), prompt=DOCSTRING_PROMPT,
+                  llm_kwargs=None, after=None):
+    """Token counts per generated position for n samples of `prompt`, and the token ids of
+    `greedy_prompts` decoded greedily (5 tokens) in the same batch. `after(llm)` runs before the
+    engine shuts down."""
     saved = dict(os.environ)
     os.environ.update(env or {})
     try:
-        llm = make_llm(spec, seed=seed, max_model_len=512)
+        llm = make_llm(spec, seed=seed, max_model_len=512, **(llm_kwargs or {}))
         greedy = SamplingParams(max_tokens=5, temperature=0)
-        outs = llm.generate(list(greedy_prompts) + [DOCSTRING_PROMPT] * n,  # greedy first: in the first wave
+        outs = llm.generate(list(greedy_prompts) + [prompt] * n,  # greedy first: in the first wave
                             [greedy] * len(greedy_prompts) + [params] * n, use_tqdm=False)
+        if after is not None:
+            after(llm)
         del llm
         gc.collect()
     finally:
@@ -294,8 +298,11 @@ def test_sampling_matches_plain_distribution(plain_samples):
     assert min_p_value(plain_samples, sdsat) > P_BOUND
 
 
-def test_sampling_with_auto_k(plain_samples):
-    auto, _ = sample_counts({"method": "sdsat"}, seed=6)
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_sampling_with_auto_k(plain_samples, async_scheduling):
+    """Without async scheduling (the CPU default), steps of width 0 take vLLM's plain sampler
+    (patches/plain_steps.py) between speculative ones."""
+    auto, _ = sample_counts({"method": "sdsat"}, seed=6, llm_kwargs={"async_scheduling": async_scheduling})
     assert min_p_value(plain_samples, auto) > P_BOUND
 
 

@@ -8,6 +8,10 @@
 - `num_speculative_tokens`: K for vLLM = 1 exact draft + (K - 1) adaptive tokens, at most L + 1:
   adaptive slots past L were never trained. With `auto` (vLLM's default for SDSAT, see
   `engine/auto_k.py`) K is the most drafts a request gets, and each step picks 0..K per request.
+- `lookup` (a runtime choice, like `auto`; not written by the trainer): "none" (adaptive drafts only),
+  "ngram" (hybrid drafting: a request whose last `prompt_lookup_min`..`prompt_lookup_max` tokens
+  occurred before in its own tokens takes the lookup draft, see `engine/lookup.py`) or "suffix"
+  (refused at startup, see `patches/speculative_config.py`).
 
 `SdsatConfig.resolve` is the one rule that turns a checkpoint's block plus a user's overrides into a
 config; the vLLM hook, the proposer, the reference decoder and the benchmark all go through it.
@@ -19,6 +23,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 MAX_SPECULATIVE_TOKENS = 16
+LOOKUPS = ("none", "ngram", "suffix")
+LOOKUP_KEYS = ("lookup", "prompt_lookup_min", "prompt_lookup_max")
+DEFAULT_LOOKUP_MIN, DEFAULT_LOOKUP_MAX = 3, 5  # n-gram lengths that make a match "long enough"
 
 
 class SdsatConfigError(ValueError):
@@ -31,6 +38,9 @@ class SdsatConfig:
     max_adaptive_tokens: int
     num_speculative_tokens: int = field(default=0)  # 0: derived as max_adaptive_tokens + 1
     auto: bool = False  # K per request and step, at most num_speculative_tokens
+    lookup: str = "none"
+    prompt_lookup_min: int = DEFAULT_LOOKUP_MIN
+    prompt_lookup_max: int = DEFAULT_LOOKUP_MAX
 
     def __post_init__(self):
         ids = tuple(int(i) for i in self.adaptive_token_ids)
@@ -54,6 +64,16 @@ class SdsatConfig:
                 f"sdsat: num_speculative_tokens (K={k}) is larger than max_adaptive_tokens (L={L}) + 1: adaptive "
                 f"slots past L were never trained, so their drafts are noise. Use K <= {L + 1}, or set "
                 "max_adaptive_tokens if the model was trained with longer spans")
+        self._check_lookup()
+
+    def _check_lookup(self) -> None:
+        if self.lookup not in LOOKUPS:
+            raise SdsatConfigError(f"sdsat: lookup must be one of {', '.join(map(repr, LOOKUPS))}, got {self.lookup!r}")
+        lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+        if isinstance(lo, bool) or isinstance(hi, bool) or not isinstance(lo, int) or not isinstance(hi, int) \
+                or not 1 <= lo <= hi:
+            raise SdsatConfigError(f"sdsat: prompt_lookup_min ({lo!r}) and prompt_lookup_max ({hi!r}) must be "
+                                   "integers with 1 <= prompt_lookup_min <= prompt_lookup_max")
 
     def adaptive_id(self, slot: int) -> int:
         """Token id of adaptive slot `slot` (0-based)."""
@@ -78,11 +98,15 @@ class SdsatConfig:
         d["adaptive_token_ids"] = list(self.adaptive_token_ids)
         if not self.auto:  # a runtime choice: checkpoints written by the trainer do not carry it
             del d["auto"]
+        if self.lookup == "none":  # likewise
+            for key in LOOKUP_KEYS:
+                del d[key]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "SdsatConfig":
-        unknown = set(d) - {"adaptive_token_ids", "max_adaptive_tokens", "num_speculative_tokens", "auto"}
+        unknown = set(d) - {"adaptive_token_ids", "max_adaptive_tokens", "num_speculative_tokens", "auto",
+                            *LOOKUP_KEYS}
         if unknown:
             raise SdsatConfigError(f"sdsat: unknown keys {sorted(unknown)} in the sdsat block")
         if "adaptive_token_ids" not in d:
@@ -95,7 +119,16 @@ class SdsatConfig:
             k = 0
         elif isinstance(k, (str, bool)):
             raise SdsatConfigError(f"sdsat: num_speculative_tokens must be an integer or 'auto', got {k!r}")
-        return cls(tuple(ids), int(d.get("max_adaptive_tokens", max(1, len(ids)))), int(k), auto)
+        lookup = {key: d[key] for key in LOOKUP_KEYS if key in d}
+        if "lookup" not in lookup and len(lookup):
+            raise SdsatConfigError(f"sdsat: {sorted(lookup)} given without lookup; they set the n-gram lengths of "
+                                   "lookup 'ngram' (add \"lookup\": \"ngram\")")
+        # One bound given: the other's default moves so that min <= max still holds.
+        if isinstance(lookup.get("prompt_lookup_min"), int) and "prompt_lookup_max" not in lookup:
+            lookup["prompt_lookup_max"] = max(lookup["prompt_lookup_min"], DEFAULT_LOOKUP_MAX)
+        if isinstance(lookup.get("prompt_lookup_max"), int) and "prompt_lookup_min" not in lookup:
+            lookup["prompt_lookup_min"] = min(lookup["prompt_lookup_max"], DEFAULT_LOOKUP_MIN)
+        return cls(tuple(ids), int(d.get("max_adaptive_tokens", max(1, len(ids)))), int(k), auto, **lookup)
 
     @classmethod
     def resolve(cls, block: dict | None, overrides: dict | None = None, vocab_size: int | None = None,

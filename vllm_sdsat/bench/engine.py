@@ -53,6 +53,16 @@ def timed_generate(llm, prompts, params, batch_size: int = 1, bar=None):
     return outputs, tokens / elapsed, (sum(ttft) / len(ttft) if ttft else None)
 
 
+def take_draft_stats(worker) -> dict:
+    """In a worker (sent with `LLM.collective_rpc`, which needs VLLM_ALLOW_INSECURE_SERIALIZATION=1): the SDSAT
+    proposer's counts of drafts by kind, lookup or adaptive (`engine/draft_stats.py`), then a fresh count."""
+    from vllm_sdsat.engine.draft_stats import DraftStats
+
+    drafter = worker.model_runner.drafter
+    summary, drafter.stats = drafter.stats.summary(), DraftStats()
+    return summary
+
+
 def engine_peak_rss_mib() -> float | None:
     """Sum over this process's descendants (the engine core and its workers) of their peak RSS
     (VmHWM). An upper bound of their simultaneous peak; the driver process is not counted."""

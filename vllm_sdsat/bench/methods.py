@@ -12,7 +12,8 @@ from vllm_sdsat.bench.suffix import suffix_status
 from vllm_sdsat.config import SdsatConfig, SdsatConfigError
 from vllm_sdsat.paths import CACHE_DIR, DRAFTER_MODEL
 
-METHODS = ("none", "sdsat", "ngram", "suffix", "draft_model", "pard")
+METHODS = ("none", "sdsat", "hybrid", "ngram", "suffix", "draft_model", "pard")
+HYBRID = {"lookup": "ngram"}  # hybrid: sdsat with lookup drafts (vllm_sdsat/engine/lookup.py), same K values
 
 NGRAM_LOOKUP = {"prompt_lookup_min": 2, "prompt_lookup_max": 4}
 NOT_RUNNABLE = {
@@ -60,7 +61,7 @@ def parse_methods(text: str) -> list[str]:
     methods = []
     for m in parse_list(text, str, "--methods"):
         m = m.lower().replace("-", "_")
-        m = {"plain": "none", "pard": "pard", "draft": "draft_model"}.get(m, m)
+        m = {"plain": "none", "pard": "pard", "draft": "draft_model", "sdsat+ngram": "hybrid"}.get(m, m)
         if m in NOT_RUNNABLE:
             raise ValueError(f"method {m!r} cannot run here: {NOT_RUNNABLE[m]}. Choose from {', '.join(METHODS)}")
         if m not in METHODS:
@@ -103,11 +104,12 @@ def build_specs(methods: list[str], model: str, ks: list[int] | None = None, bas
         raise FileNotFoundError(f"no model at {model} (expected a Hugging Face folder with config.json)")
     overrides = {"adaptive_token_ids": adaptive_token_ids} if adaptive_token_ids else {}
     sdsat_cfg = None
-    if "sdsat" in methods or ("pard" in methods and pard_token is None):
+    self_drafting = "sdsat" in methods or "hybrid" in methods
+    if self_drafting or ("pard" in methods and pard_token is None):
         try:
             sdsat_cfg = SdsatConfig.from_pretrained(model, **overrides)
         except SdsatConfigError as e:
-            if "sdsat" in methods:
+            if self_drafting:
                 raise
             raise SdsatConfigError(f"pard needs a mask token: {e} Or give --pard-token.") from None
     default_k = sdsat_cfg.num_speculative_tokens if sdsat_cfg else 4
@@ -120,16 +122,17 @@ def build_specs(methods: list[str], model: str, ks: list[int] | None = None, bas
     for method in sorted(methods, key=METHODS.index):
         if method == "none":
             specs.append(EngineSpec("none", None, None))
-        elif method == "sdsat":
+        elif method in ("sdsat", "hybrid"):
+            extra = {**overrides, **(HYBRID if method == "hybrid" else {})}
             for k in ks:
                 if k == "auto":  # K per request and step, at most the checkpoint's: plotted as dynamic
-                    spec = {"method": "sdsat", "num_speculative_tokens": "auto", **overrides}
-                    specs.append(EngineSpec("sdsat", None, spec, label="sdsat K=auto",
+                    spec = {"method": "sdsat", "num_speculative_tokens": "auto", **extra}
+                    specs.append(EngineSpec(method, None, spec, label=f"{method} K=auto",
                                             notes={"sdsat": sdsat_cfg.to_dict()}))
                     continue
-                cfg = SdsatConfig.from_pretrained(model, num_speculative_tokens=k, **overrides)
-                spec = {"method": "sdsat", "num_speculative_tokens": cfg.num_speculative_tokens, **overrides}
-                specs.append(EngineSpec("sdsat", k, spec, notes={"sdsat": cfg.to_dict()}))
+                cfg = SdsatConfig.from_pretrained(model, num_speculative_tokens=k, **extra)
+                spec = {"method": "sdsat", "num_speculative_tokens": cfg.num_speculative_tokens, **extra}
+                specs.append(EngineSpec(method, k, spec, notes={"sdsat": cfg.to_dict()}))
         elif method == "ngram":
             specs += [EngineSpec("ngram", k, {"method": "ngram", "num_speculative_tokens": k, **NGRAM_LOOKUP})
                       for k in baseline_ks]

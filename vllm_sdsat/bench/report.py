@@ -66,6 +66,18 @@ def write_markdown(results: dict) -> str:
         out.append("\nacc. rate = accepted / drafted over drafts 1..K; acc. rate drafts 2..K leaves out draft 1, "
                    "which for SDSAT is the target's own next token (always accepted when greedy), so it is the rate "
                    "of SDSAT's adaptive drafts alone.")
+    hybrid = [r for r in runs if r.get("drafts_by_kind")]
+    if hybrid:
+        out.append("\n### Hybrid drafting: drafts by kind\n")
+        out.append("| method | T | batch | lookup drafts | lookup acc. rate | adaptive drafts | adaptive acc. rate | "
+                   "steps lookup / adaptive / mixed | draft passes |")
+        out.append("|" + "---|" * 9)
+        for r in hybrid:
+            d = r["drafts_by_kind"]
+            look, adapt, steps = d["kinds"]["lookup"], d["kinds"]["adaptive"], d["steps"]
+            out.append(f"| {r['label']} | {r['temperature']} | {r['batch_size']} | {look['drafts']} | "
+                       f"{_fmt(look['acceptance_rate'])} | {adapt['drafts']} | {_fmt(adapt['acceptance_rate'])} | "
+                       f"{steps['lookup']} / {steps['adaptive']} / {steps['mixed']} | {d['draft_passes']} |")
     if results.get("skipped"):
         out.append("\nNot run:\n")
         out += [f"- `{m}`: {why}" for m, why in results["skipped"].items()]
@@ -93,7 +105,8 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
     runs, files = results.get("runs", []), []
     temps = sorted({r["temperature"] for r in runs})
     batches = sorted({r["batch_size"] for r in runs})
-    colors = {"sdsat": "C3", "ngram": "C0", "suffix": "C2", "draft_model": "C1", "pard": "C4", "none": "k"}
+    colors = {"sdsat": "C3", "hybrid": "C5", "ngram": "C0", "suffix": "C2", "draft_model": "C1", "pard": "C4",
+              "none": "k"}
     markers = {"ngram": "s", "suffix": "D", "draft_model": "^", "pard": "v"}
     b0 = batches[0] if batches else 1
 

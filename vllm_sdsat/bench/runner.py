@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from vllm_sdsat.bench.engine import (acceptance, acceptance_rates, engine_peak_rss_mib, humaneval_prompts, kv_capacity,
-                                    running_engine, timed_generate)
+                                     running_engine, take_draft_stats, timed_generate)
 from vllm_sdsat.bench.methods import NGRAM_LOOKUP, EngineSpec
 from vllm_sdsat.console import console
 
@@ -76,6 +76,8 @@ def run_bench(opts: argparse.Namespace, specs: list[EngineSpec], skipped: dict) 
                 requests = [prompts[i % len(prompts)] for i in range(max(len(prompts), batch))]
                 llm.generate(requests[:batch], SamplingParams(max_tokens=8, **sampling), use_tqdm=False)  # warm-up
                 before, reps, identical = acceptance(llm), [], None
+                if spec.method == "hybrid":
+                    llm.collective_rpc(take_draft_stats)  # count this cell's drafts by kind only
                 for r in range(opts.repeats):
                     t0 = time.perf_counter()
                     outputs, tok_s, _ = timed_generate(llm, requests, SamplingParams(max_tokens=opts.max_tokens,
@@ -101,6 +103,7 @@ def run_bench(opts: argparse.Namespace, specs: list[EngineSpec], skipped: dict) 
                     "ttft_ms": median_spread([x["ttft_ms_mean"] for x in reps]),
                     "spec": spec_delta(before, acceptance(llm)) if spec.speculative_config else None,
                     "identical_to_none": identical,
+                    "drafts_by_kind": llm.collective_rpc(take_draft_stats)[0] if spec.method == "hybrid" else None,
                     "peak_rss_mib": engine_peak_rss_mib(), "kv_capacity_tokens": engine["kv_capacity_tokens"]})
             engine["peak_rss_mib"] = engine_peak_rss_mib()
             results["engines"][spec.label] = engine

@@ -9,6 +9,8 @@ done a chunk of rows at a time, in place inside that chunk of q. A chunk holds a
 logits (32 MiB as fp32); its largest temporaries are those of vLLM's top-p path (sorted values, their
 int64 indices, the sorted softmax, two masks) and then the exponential noise, about 4.5 chunks in all:
 under 160 MiB whatever the batch (tests/test_draft_memory.py measures it).
+
+Lookup drafts (hybrid drafting) are point masses: `one_hot_probs` gives their q.
 """
 import torch
 from vllm.v1.sample.metadata import SamplingMetadata
@@ -54,3 +56,14 @@ def _sample_chunk(logits, q, temperature, top_k, top_p, all_random: bool) -> tor
     if all_random:
         return sampled
     return torch.where(temperature < _SAMPLING_EPS, logits.argmax(-1), sampled)
+
+
+def one_hot_probs(drafts: list[list[int]], width: int, vocab: int, device) -> torch.Tensor:
+    """q [rows, width, vocab] fp32 with a point mass on each draft token (zeros past a row's draft).
+    Costs the whole tensor, zero-filled."""
+    q = torch.zeros(len(drafts), width, vocab, dtype=torch.float32, device=device)
+    rows = [i for i, d in enumerate(drafts) for _ in d]
+    slots = [j for d in drafts for j in range(len(d))]
+    tokens = [t for d in drafts for t in d]
+    q[rows, slots, tokens] = 1.0
+    return q

@@ -10,6 +10,9 @@ Greedy requests take argmaxes. Sampled requests sample every draft from the proc
 (temperature/top-k/top-p) distribution q and hand q to vLLM's rejection sampler, which accepts with
 min(1, p/q), so the output follows the target distribution exactly.
 
+With `lookup: "ngram"` (hybrid drafting, `engine/lookup.py`) a row whose tokens end in an n-gram seen
+before takes that lookup draft instead and skips the draft pass; `patches/draft_pass.py` makes the choice.
+
 Cost: one extra target forward of w tokens per drafting request per step, no draft model, no draft KV cache.
 The KV it writes lands in the request's own lookahead slots and is overwritten by the next
 verification before anything reads it (see `patches/lookahead_slots.py`).
@@ -22,6 +25,7 @@ from vllm.v1.sample.metadata import SamplingMetadata
 
 from vllm_sdsat.config import SdsatConfig
 from vllm_sdsat.engine.draft_sampling import sample_drafts
+from vllm_sdsat.engine.draft_stats import DraftStats
 
 
 class SdsatProposer:
@@ -33,6 +37,14 @@ class SdsatProposer:
                                           model_config.get_vocab_size(), source=str(model_config.model))
         self.k = self.config.num_speculative_tokens
         self.adaptive_ids = torch.tensor(self.config.adaptive_ids(self.k - 1), dtype=torch.long)
+        # Hybrid drafting: rows whose tokens end in an n-gram seen before take a lookup draft of up to K.
+        self.lookup = None
+        if self.config.lookup != "none":
+            from vllm_sdsat.engine.lookup import NgramLookup  # numba: not at plugin load (see engine/lookup.py)
+            self.lookup = NgramLookup(
+                self.config.prompt_lookup_min, self.config.prompt_lookup_max, self.k, model_config.max_model_len,
+                vllm_config.scheduler_config.max_num_seqs)
+        self.stats = DraftStats()
 
     def load_model(self, target_model) -> None:
         """vLLM offers the target model here; SDSAT drafts with it through the runner, loading nothing."""

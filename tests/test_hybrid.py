@@ -1,0 +1,134 @@
+"""Hybrid drafting (`lookup: "ngram"`): lookup drafts where a request repeats itself, adaptive drafts elsewhere.
+
+Config refusals build the engine config only; the rest runs real vLLM engines on the embedded SDSAT model
+(fp32, like the other exactness tests), one engine per configuration.
+"""
+import gc
+import os
+
+import pytest
+
+vllm = pytest.importorskip("vllm")
+from vllm import SamplingParams  # noqa: E402
+from vllm.engine.arg_utils import EngineArgs  # noqa: E402
+
+from test_vllm import P_BOUND, PROMPTS, SDSAT_MODEL, TOP_K, make_llm, min_p_value, sample_counts  # noqa: E402
+from vllm_sdsat.config import SdsatConfigError  # noqa: E402
+
+os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with a function
+HYBRID = {"method": "sdsat", "lookup": "ngram", "prompt_lookup_min": 2}
+# The model continues this list with "1, 1, 1, ...": for its first 64 tokens every step's last two tokens
+# occurred before (checked with the HF model), so lookup always fires.
+REPEATING = "values = [" + ", ".join(str(i % 4) for i in range(40))
+MIXED = [REPEATING, *PROMPTS[:7]]  # one prompt where lookup fires, seven where it mostly does not
+GREEDY = SamplingParams(max_tokens=128, temperature=0)
+
+
+def engine_config(spec, **kwargs):
+    return EngineArgs(model=SDSAT_MODEL, speculative_config=spec, max_model_len=512, dtype="float32",
+                      **kwargs).create_engine_config()
+
+
+@pytest.mark.parametrize("spec, kwargs, message", [
+    ({"lookup": "ngarm"}, {}, "lookup must be one of 'none', 'ngram', 'suffix', got 'ngarm'"),
+    ({"lookup": 1}, {}, "lookup must be one of"),
+    ({"lookup": "suffix"}, {}, "lookup 'suffix'"),
+    ({"lookup": "ngram"}, {"async_scheduling": True}, "async scheduling leaves a step behind"),
+    ({"lookup": "ngram", "prompt_lookup_min": 4, "prompt_lookup_max": 2}, {}, "1 <= prompt_lookup_min <= prompt_"),
+    ({"lookup": "ngram", "prompt_lookup_min": 0}, {}, "1 <= prompt_lookup_min"),
+    ({"prompt_lookup_min": 2}, {}, "given without lookup"),
+])
+def test_bad_lookup_fails_at_config(spec, kwargs, message):
+    with pytest.raises(SdsatConfigError, match=message):
+        engine_config({"method": "sdsat", **spec}, **kwargs)
+
+
+def test_lookup_config_resolves():
+    """The lookup settings reach the workers in the sdsat block; async scheduling stays off, as vLLM
+    keeps it for its host-side ngram drafter; 'none' is today's SDSAT."""
+    config = engine_config(HYBRID | {"prompt_lookup_min": 2})
+    block = config.model_config.hf_config.sdsat
+    assert (block["lookup"], block["prompt_lookup_min"], block["prompt_lookup_max"]) == ("ngram", 2, 5)
+    assert config.scheduler_config.async_scheduling is False
+    assert "lookup" not in engine_config({"method": "sdsat", "lookup": "none"}).model_config.hf_config.sdsat
+
+
+def draft_stats(worker):
+    """On a worker: the proposer's counts of drafts by kind, and then a fresh count."""
+    from vllm_sdsat.engine.draft_stats import DraftStats
+    drafter = worker.model_runner.drafter
+    summary, drafter.stats = drafter.stats.summary(), DraftStats()
+    return summary
+
+
+def count_draft_forwards(worker):
+    """On a worker: count calls of the draft pass's forward from now on."""
+    from vllm_sdsat.patches.draft_pass import TargetDraftPass
+    original = TargetDraftPass.forward
+
+    def forward(self, *args, **kwargs):
+        TargetDraftPass.calls += 1
+        return original(self, *args, **kwargs)
+
+    TargetDraftPass.calls, TargetDraftPass.forward = 0, forward
+
+
+def draft_forwards(worker):
+    from vllm_sdsat.patches.draft_pass import TargetDraftPass
+    return TargetDraftPass.calls
+
+
+@pytest.fixture(scope="module")
+def plain_outputs():
+    llm = make_llm(None, async_scheduling=False)
+    outs = llm.generate(MIXED, GREEDY, use_tqdm=False)
+    del llm
+    gc.collect()
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+@pytest.fixture(scope="module")
+def hybrid_llm():
+    llm = make_llm(HYBRID, async_scheduling=False)
+    yield llm
+    del llm
+    gc.collect()
+
+
+def test_greedy_mixed_rows_equal_plain(plain_outputs, hybrid_llm):
+    """Lookup and adaptive rows in the same steps, automatic K (the default): plain vLLM's output."""
+    outs = hybrid_llm.generate(MIXED, GREEDY, use_tqdm=False)
+    (stats, *_) = hybrid_llm.collective_rpc(draft_stats)
+    mismatched = [i for i, (o, e) in enumerate(zip(outs, plain_outputs)) if list(o.outputs[0].token_ids) != e]
+    assert not mismatched, f"prompts {mismatched} differ from decoding without speculation"
+    lookup, adaptive = stats["kinds"]["lookup"], stats["kinds"]["adaptive"]
+    assert lookup["drafts"] > 0 and adaptive["drafts"] > 0 and stats["steps"]["mixed"] > 0, stats
+    assert lookup["verified"] > 0 and adaptive["verified"] > 0  # acceptance is counted per kind
+    assert stats["draft_passes"] <= stats["steps"]["adaptive"] + stats["steps"]["mixed"]
+
+
+def test_lookup_only_batch_runs_no_draft_pass(plain_outputs, hybrid_llm):
+    """A batch whose every drafting row has a lookup draft skips the draft pass, step after step."""
+    hybrid_llm.collective_rpc(count_draft_forwards)
+    outs = hybrid_llm.generate([REPEATING] * 4, SamplingParams(max_tokens=64, temperature=0), use_tqdm=False)
+    (calls, *_), (stats, *_) = hybrid_llm.collective_rpc(draft_forwards), hybrid_llm.collective_rpc(draft_stats)
+    assert all(list(o.outputs[0].token_ids) == plain_outputs[0][:64] for o in outs)
+    assert stats["kinds"]["lookup"]["drafts"] > 0 and stats["kinds"]["adaptive"]["drafts"] == 0, stats
+    assert calls == 0 and stats["draft_passes"] == 0
+
+
+# Lookup fires on the prompt's own earlier docstring, whose text the target often does not follow at
+# T = 1: lookup drafts are then low-probability tokens, where a wrong q (not one-hot) would show.
+ECHO_PROMPT = 'def parse_config(path):\n    """Read the file.\n    """\n\n\ndef parse_config(path):\n    """'
+
+
+def test_sampling_with_hybrid_matches_plain_distribution():
+    plain, _ = sample_counts(None, seed=11, prompt=ECHO_PROMPT, params=TOP_K)
+    stats = []
+    hybrid, _ = sample_counts(HYBRID, seed=12, prompt=ECHO_PROMPT, params=TOP_K,
+                              llm_kwargs={"async_scheduling": False},
+                              after=lambda llm: stats.extend(llm.collective_rpc(draft_stats)))
+    assert min_p_value(plain, hybrid) > P_BOUND
+    kinds = stats[0]["kinds"]
+    assert kinds["lookup"]["verified"] > 0 and kinds["adaptive"]["verified"] > 0, stats[0]
+    assert stats[0]["steps"]["mixed"] > 0

@@ -202,22 +202,24 @@ def propose_draft_token_ids(self: GPUModelRunner, scheduler_output, sampled_toke
     per_request = getattr(scheduler_output, NUM_DRAFTS, None)  # set by patches/auto_k.py
     num_drafts = ([per_request.get(r, 0) for r in req_ids] if per_request is not None
                   else [scheduler_output.num_spec_tokens_to_schedule] * len(req_ids))
-    if spec_decode_metadata is not None:
+    hybrid = drafter.lookup is not None  # counts by kind only where there are two kinds
+    if hybrid and spec_decode_metadata is not None:
         drafter.stats.verified(req_ids, spec_decode_metadata.num_draft_tokens, sampled_token_ids)
     if not self.use_async_scheduling and not any(num_drafts):  # nothing to draft: hand back no drafts
         self._draft_probs = self._draft_prob_req_ids = None
         return [[] for _ in req_ids]
-    lookup = _lookup_drafts(self, num_drafts, sampled_token_ids) if drafter.lookup is not None else {}
+    lookup = _lookup_drafts(self, num_drafts, sampled_token_ids) if hybrid else {}
     adaptive = [0 if i in lookup else k for i, k in enumerate(num_drafts)]
     rows, drafts, probs = drafter.propose_from_target(target, common_attn_metadata, spec_decode_metadata,
                                                      sampling_metadata, adaptive)
     drafting = list(range(len(req_ids))) if rows is None else rows.tolist()
     width = drafts.shape[1]
-    made = {req_ids[i]: ("adaptive", min(adaptive[i], width)) for i in drafting}
-    made.update((req_ids[i], ("lookup", len(d))) for i, d in lookup.items())
-    drafter.stats.drafted(made, draft_pass=width > 0)
-    if get_tensor_model_parallel_rank() == 0:  # one log line per engine, not per TP rank
-        drafter.stats.maybe_log()
+    if hybrid:
+        made = {req_ids[i]: ("adaptive", min(adaptive[i], width)) for i in drafting}
+        made.update((req_ids[i], ("lookup", len(d))) for i, d in lookup.items())
+        drafter.stats.drafted(made, draft_pass=width > 0)
+        if get_tensor_model_parallel_rank() == 0:  # one log line per engine, not per TP rank
+            drafter.stats.maybe_log()
     self._draft_probs = probs
     self._draft_prob_req_ids = None if probs is None else [req_ids[i] for i in drafting]
     if lookup:  # synchronous (patches/speculative_config.py): host lists of each row's own drafts

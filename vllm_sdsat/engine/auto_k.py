@@ -27,6 +27,10 @@ PROBE_BUDGET = 0.01   # at most this fraction of the tokens spent on probes of t
 PROBE_MIN, PROBE_MAX = 16, 256  # steps between probes
 WARMUP_STEPS = 8      # steps timed per batch-size class before its cost fit is trusted (widths K, 0, K/2)
 REPLAN_EVERY = 4      # steps a choice is kept while the batch stays the same
+# Drafting must beat plain decoding by this factor in the fit. The fit is per step; it does not see what
+# drafting costs outside its steps (in a static batch, requests that accept less finish later, and the
+# batch's last steps run nearly empty), and measured in vLLM it drafted where that lost 10-25%.
+DRAFT_MARGIN = 1.15
 SETTLE_STEPS = 4      # the engine's first steps, never timed: they include one-time set-up
 PRIOR_WEIGHT = 2.0    # how many observations of all requests' acceptance a request's own estimate starts with
 REQUEST_DECAY = 0.9   # per observation: a request's recent drafts count more than its old ones
@@ -233,7 +237,7 @@ class AutoK:
         drafts, drafting_rate = best_drafting_plan(self.acceptance.expected_tokens(req_ids), cost, base_tokens)
         plain_rate = n / step_ms(cost, base_tokens, np.zeros(n))
         plain = np.zeros(n, dtype=np.int64)
-        best, other = (drafts, plain) if drafting_rate > plain_rate else (plain, drafts)
+        best, other = (drafts, plain) if drafting_rate > DRAFT_MARGIN * plain_rate else (plain, drafts)
         # A probe of the other plan loses (1 - its rate / the best rate) of a step's tokens if the fit is
         # right: probe rarely enough that this stays under PROBE_BUDGET of the tokens.
         loss = 1 - min(drafting_rate, plain_rate) / max(drafting_rate, plain_rate)

@@ -214,7 +214,7 @@ def test_sampled_contexts_and_soft_targets_reach_the_trainer(workdir, tmp_path):
         train_args(workdir, tmp_path / "out", "--self-context-temperatures", "0,hot")
     trainer, _ = train_module.build_trainer(args)
     data = trainer.train_dataset
-    assert set(data["temperature"]) == {0.0, pytest.approx(0.2), 1.0} and set(data["real_until"]) == {16}
+    assert {round(t, 3) for t in data["temperature"]} == {0.0, 0.2, 1.0} and set(data["real_until"]) == {16}
     assert trainer.data_collator.soft_targets
     batch = trainer.data_collator([data[i] for i in range(len(data))])
     assert (batch["soft_temperature"] > 0).sum() > 5 and (batch["adaptive_labels"] != IGNORE).sum() > 5

@@ -189,6 +189,8 @@ def build_trainer(args: argparse.Namespace) -> tuple[SdsatTrainer, SdsatConfig]:
         raise SdsatConfigError("sdsat: --self-contexts needs --labels self")
     if min(args.self_context_temperatures) < 0:
         raise SdsatConfigError(f"sdsat: --self-context-temperatures must be >= 0, got {args.self_context_temperatures}")
+    if args.self_context_temperatures != [0.0] and not args.self_contexts:
+        raise SdsatConfigError("sdsat: --self-context-temperatures needs --self-contexts F")
     if args.soft_targets and not (args.self_contexts and max(args.self_context_temperatures) > 0):
         raise SdsatConfigError("sdsat: --soft-targets needs sampled self-contexts (--self-contexts F and a "
                                "--self-context-temperatures value above 0)")

@@ -95,7 +95,7 @@ def test_collator_gives_soft_targets_to_spans_inside_a_sampled_continuation():
     anchors = torch.tensor([a for a, labels in collator.spans(ex) for _ in labels])
     soft = batch["soft_temperature"][0, 20:]
     assert len(anchors) == len(adaptive) > 4
-    expect_soft = (anchors >= 7) & (adaptive < 20)  # x_{a+1} generated, and the real token at the slot's position exists
+    expect_soft = (anchors >= 7) & (adaptive < 20)  # x_{a+1} generated; a real token at the slot's position
     assert expect_soft.any() and (~expect_soft).any()
     assert torch.equal(soft > 0, expect_soft) and (soft[expect_soft] == 0.5).all()
     assert torch.equal(batch["adaptive_labels"][0, 20:] == IGNORE, expect_soft)

@@ -150,6 +150,11 @@ def test_train_with_new_embedding_rows(workdir, tmp_path):
     (["--adaptive-token-ids", "2", "--labels", "self", "--self-contexts", "0.5", "--context-prompt-len", "32"],
      "--context-prompt-len must lie in"),
     (["--max-adaptive", "2"], "either --adaptive-token-ids or --resize-embeddings"),
+    (["--adaptive-token-ids", "2", "--labels", "self", "--self-contexts", "0.5", "--context-prompt-len", "16",
+      "--soft-targets"], "--soft-targets needs sampled self-contexts"),
+    (["--adaptive-token-ids", "2", "--soft-targets", "--labels", "self"], "needs sampled"),
+    (["--adaptive-token-ids", "2", "--self-context-temperatures", "1"], "--self-context-temperatures needs"),
+    (["--adaptive-token-ids", "2", "--self-context-temperatures", "0,-1"], "must be >= 0"),
     (["--adaptive-token-ids", "2", "--model", "SMALL"], "do not belong together"),
     (["--adaptive-token-ids", "2", "--data", "missing.jsonl"], "no data file at missing.jsonl"),
     (["--adaptive-token-ids", "2", "--resume"], "no checkpoint-* folder"),
@@ -199,6 +204,24 @@ def test_resume_from_a_checkpoint_continues_the_same_run(workdir, tmp_path):
     full_losses = [(e["step"], e["loss"]) for e in json.loads((tmp_path / "full" / "train_log.json").read_text())
                    if "loss" in e]
     assert losses == full_losses and len(losses) == 4
+
+
+def test_sampled_contexts_and_soft_targets_reach_the_trainer(workdir, tmp_path):
+    args = train_args(workdir, tmp_path / "out", "--max-steps", "3", "--labels", "self", "--self-contexts", "1.0",
+                      "--context-prompt-len", "16", "--self-context-temperatures", "0,0.2,1.0", "--soft-targets",
+                      "--save-dtype", "float32")
+    assert args.self_context_temperatures == [0.0, 0.2, 1.0] and args.soft_targets
+    with pytest.raises(SystemExit):
+        train_args(workdir, tmp_path / "out", "--self-context-temperatures", "0,hot")
+    trainer, _ = train_module.build_trainer(args)
+    data = trainer.train_dataset
+    assert {round(t, 3) for t in data["temperature"]} == {0.0, 0.2, 1.0} and set(data["real_until"]) == {16}
+    assert trainer.data_collator.soft_targets
+    batch = trainer.data_collator([data[i] for i in range(len(data))])
+    assert (batch["soft_temperature"] > 0).sum() > 5 and (batch["adaptive_labels"] != IGNORE).sum() > 5
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(logs) == 3 and all(0 < e["loss_adaptive"] < 20 for e in logs)
 
 
 def test_warmup_is_a_fraction_of_the_steps(workdir, tmp_path):

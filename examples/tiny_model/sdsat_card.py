@@ -22,18 +22,27 @@ MODEL = build.MODELS / "sdsat-tiny-code"
 K_VALUES = range(2, 9)
 
 
+def loop_stats(model, cfg, prompts, k, temperature=0.0, seeds=(None,), new_tokens=128):
+    """The reference loop with k adaptive tokens over every prompt (and seed, when sampling): tokens per loop,
+    acceptance of the adaptive drafts, and acceptance per adaptive position (averaged over runs)."""
+    tokens = loops = accepted = drafted = 0
+    per_pos = torch.zeros(k)
+    for prompt in prompts:
+        for seed in seeds:
+            _, stats = sdsat_generate(model, prompt, cfg, k=k, max_new_tokens=new_tokens, eos_token_id=[],
+                                      temperature=temperature, seed=seed)
+            tokens, loops = tokens + stats.new_tokens, loops + stats.loops
+            accepted, drafted = accepted + stats.accepted, drafted + stats.drafted
+            per_pos += torch.tensor(stats.acceptance_per_position)
+    return {"tokens_per_loop": round(tokens / loops, 3), "acceptance": round(accepted / max(drafted, 1), 3),
+            "acceptance_per_position": [round(v, 3) for v in (per_pos / (len(prompts) * len(seeds))).tolist()]}
+
+
 def in_loop_tokens_per_loop(model, cfg, prompts, new_tokens=128):
     result = {}
     for K in tqdm(K_VALUES, desc="tokens per loop by K"):
-        tokens = loops = 0
-        per_pos = torch.zeros(K - 1)
-        for prompt in prompts:
-            _, stats = sdsat_generate(model, prompt, cfg, k=K - 1, max_new_tokens=new_tokens, eos_token_id=[])
-            tokens += stats.new_tokens
-            loops += stats.loops
-            per_pos += torch.tensor(stats.acceptance_per_position)
-        result[K] = {"tokens_per_loop": round(tokens / loops, 3),
-                     "acceptance_per_position": [round(v, 3) for v in (per_pos / len(prompts)).tolist()]}
+        stats = loop_stats(model, cfg, prompts, K - 1, new_tokens=new_tokens)
+        result[K] = {key: stats[key] for key in ("tokens_per_loop", "acceptance_per_position")}
     return result
 
 

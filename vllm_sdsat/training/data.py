@@ -97,7 +97,8 @@ def collate_rows(rows: list[dict], pad_id: int) -> dict:
     """
     T = max(len(r["input_ids"]) for r in rows)
     fill = {"input_ids": pad_id, "position_ids": 0, "real_labels": IGNORE, "adaptive_labels": IGNORE,
-            "prefix_end": -1, "span": -1, "in_prefix": False}
+            "prefix_end": -1, "span": -1, "in_prefix": False, "soft_temperature": 0.0}
+    fill = {name: v for name, v in fill.items() if name in rows[0]}
     cols = {name: torch.as_tensor(np.stack([np.pad(r[name], (0, T - len(r[name])), constant_values=v)
                                             for r in rows])) for name, v in fill.items()}
     pos, end, span = cols["position_ids"], cols.pop("prefix_end"), cols.pop("span")
@@ -105,7 +106,8 @@ def collate_rows(rows: list[dict], pad_id: int) -> dict:
     same_span = (span[:, :, None] >= 0) & (span[:, None, :] == span[:, :, None]) & (pos[:, None, :] <= pos[:, :, None])
     itself = torch.eye(T, dtype=torch.bool)
     cols["attention_mask"] = (sees_prefix | same_span | itself)[:, None]
-    return {k: (v.long() if k != "attention_mask" else v) for k, v in cols.items()}
+    return {k: v if k == "attention_mask" else v.float() if v.is_floating_point() else v.long()
+            for k, v in cols.items()}
 
 
 class AdaptiveSpanCollator:
@@ -121,17 +123,21 @@ class AdaptiveSpanCollator:
 
     Examples with "real_until" (train.self_contexts) have data only in their first real_until tokens:
     the real-token loss covers just those (the model's own continuation is never a real label).
+    With soft_targets, an adaptive token of a span that starts inside a sampled continuation (anchor
+    a >= real_until - 1, "temperature" T > 0) gets no hard label but soft_temperature T: train.py
+    trains it towards the model's own distribution at its position (the real token there), at T.
 
     Batch: input_ids, position_ids (B, T); attention_mask (B, 1, T, T) bool, see attention_bias();
     real_labels, adaptive_labels (B, T), explicit (already shifted), IGNORE where a position has no
-    loss of that kind. Examples with an "index" (train.py adds it) draw their spans from a generator
+    loss of that kind; soft_temperature (B, T) float, 0 where a position has no soft target. Examples
+    with an "index" (train.py adds it) draw their spans from a generator
     seeded by (seed, epoch, index): the same spans whatever the ranks, workers or a resumption, and new
     ones each epoch (`epoch` is set by the trainer). Others share one seeded generator: use
     dataloader_num_workers=0 (the Trainer default) for reproducible, non-duplicated spans.
     """
 
     def __init__(self, adaptive_token_ids, max_adaptive: int, spans_per_seq: float = 8.0,
-                 method: str = "sdsat", pad_id: int = 0, seed: int = 0):
+                 method: str = "sdsat", pad_id: int = 0, seed: int = 0, soft_targets: bool = False):
         if method not in METHODS:
             raise SdsatConfigError(f"sdsat: method must be one of {METHODS}, got {method!r}")
         if max_adaptive < 1:
@@ -143,15 +149,21 @@ class AdaptiveSpanCollator:
             raise SdsatConfigError("sdsat: adaptive_token_ids is empty; give at least one token id")
         self.slot_ids = [ids[min(j, len(ids) - 1)] for j in range(max_adaptive)]
         self.max_adaptive, self.spans_per_seq, self.method, self.pad_id = max_adaptive, spans_per_seq, method, pad_id
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch, self.soft_targets = seed, 0, soft_targets
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, examples: list[dict]) -> dict:
         build = sdsat_row if self.method == "sdsat" else basic_row
         rows = [build(list(ex["input_ids"]), self.spans(ex), self.slot_ids) for ex in examples]
         for ex, row in zip(examples, rows):
+            n = len(ex["input_ids"])
             if "real_until" in ex:  # label of token t is x_{t+1}: keep it while x_{t+1} is data
-                row["real_labels"][max(ex["real_until"] - 1, 0):len(ex["input_ids"])] = IGNORE
+                row["real_labels"][max(ex["real_until"] - 1, 0):n] = IGNORE
+            soft = np.zeros(len(row["input_ids"]), dtype=bool)
+            if self.soft_targets and ex.get("temperature", 0) > 0:  # spans inside a sampled continuation
+                soft = ~row["in_prefix"] & (row["prefix_end"] >= ex["real_until"] - 1) & (row["position_ids"] < n)
+                row["adaptive_labels"][soft] = IGNORE
+            row["soft_temperature"] = np.where(soft, ex.get("temperature", 0.0), 0.0).astype(np.float32)
         return collate_rows(rows, self.pad_id)
 
     def spans(self, ex: dict) -> list[tuple[int, list[int]]]:

@@ -12,6 +12,9 @@ steps of one token per anchor; a tqdm bar shows it.
 and cached like the labels. At inference the drafts follow the model's own output, not human code;
 these sequences put the adaptive slots in that context during training. Real-token loss stays on
 the real prompt part only. Cost: (seq_len - prompt_len) decode steps per chosen sequence.
+--self-context-temperatures T1,T2,..: each chosen sequence is continued at one of these temperatures
+(drawn per sequence; 0 = greedy), so the slots also see the sampled output they meet at T > 0. The
+sequence keeps its temperature (column `temperature`) for the soft targets of train.py.
 
 Both run sharded: with several ranks (torchrun / accelerate), each rank generates a contiguous share of
 the sequences into its own cache file; then every rank loads the concatenation (map_sharded).
@@ -60,41 +63,61 @@ def greedy_at_anchors(model, input_ids: torch.Tensor, anchors: list[list[int]], 
     return [row[:len(a)] for row, a in zip(greedy, anchors)]
 
 
+def pick(logits: torch.Tensor, temperatures: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """(B, V) logits -> (B,) tokens: the argmax where the row's temperature is 0, else a draw from
+    softmax(logits / T) (Gumbel-max, one generator per row: a row's draws do not depend on its batch)."""
+    gumbel = torch.stack([-torch.empty(logits.shape[-1]).exponential_(generator=g).log() for g in generators])
+    t = temperatures[:, None].to(logits.device)
+    return torch.where(t > 0, logits.float() / t.clamp(min=1e-6) + gumbel.to(logits.device), logits.float()).argmax(-1)
+
+
 @torch.inference_mode()
-def greedy_continuation(model, prompts: torch.Tensor, steps: int) -> torch.Tensor:
-    """(B, steps) greedy tokens after equal-length prompts (B, P), with a KV cache; EOS does not stop it."""
+def continuation(model, prompts: torch.Tensor, steps: int, temperatures: torch.Tensor | None = None,
+                 generators: list[torch.Generator] | None = None) -> torch.Tensor:
+    """(B, steps) tokens after equal-length prompts (B, P), with a KV cache; EOS does not stop it.
+    Row b is greedy when temperatures[b] is 0 (the default), else sampled at that temperature."""
+    B = prompts.shape[0]
+    temperatures = torch.zeros(B) if temperatures is None else temperatures
+    generators = generators or [torch.Generator().manual_seed(b) for b in range(B)]
     out = model(input_ids=prompts.to(model.device), use_cache=True, logits_to_keep=1)
-    tokens = [out.logits[:, -1].argmax(-1, keepdim=True)]
+    tokens = [pick(out.logits[:, -1], temperatures, generators)[:, None]]
     for _ in range(steps - 1):
         out = model(input_ids=tokens[-1], past_key_values=out.past_key_values, use_cache=True)
-        tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+        tokens.append(pick(out.logits[:, -1], temperatures, generators)[:, None])
     return torch.cat(tokens, dim=1).cpu()
 
 
 def self_contexts(chunks: Dataset, model, fraction: float, prompt_len: int, seed: int, cache_file: Path,
-                  batch_size: int = 8, bf16: bool = False, rank: int = 0, world: int = 1, barrier=None) -> Dataset:
+                  batch_size: int = 8, bf16: bool = False, rank: int = 0, world: int = 1, barrier=None,
+                  temperatures: tuple[float, ...] = (0.0,)) -> Dataset:
     """In a `fraction` of the sequences (drawn per index), replace the tokens after the first
-    prompt_len by the model's greedy continuation of those prompt_len tokens. Adds the column
-    `real_until`: how many leading tokens are data (the whole sequence where nothing was replaced).
+    prompt_len by the model's continuation of those prompt_len tokens, at a temperature drawn per index
+    from `temperatures` (0: greedy). Adds the columns `real_until` (how many leading tokens are data: the
+    whole sequence where nothing was replaced) and `temperature` (0 where nothing was replaced).
 
     Runs like self_distill: frozen model, batched, sharded over ranks, cached as Arrow files.
     """
     def continue_some(batch, indices):
         rows = [list(x) for x in batch["input_ids"]]
-        chosen = [b for b, i in enumerate(indices) if np.random.default_rng([seed, i, 1]).random() < fraction]
-        real_until = [len(x) for x in rows]
+        rngs = {b: np.random.default_rng([seed, i, 1]) for b, i in enumerate(indices)}
+        chosen = [b for b, rng in rngs.items() if rng.random() < fraction]
+        real_until, temps = [len(x) for x in rows], [0.0] * len(rows)
         if chosen:
+            for b in chosen:
+                temps[b] = float(temperatures[rngs[b].integers(len(temperatures))])
             prompts = torch.tensor([rows[b][:prompt_len] for b in chosen])
+            generators = [torch.Generator().manual_seed(int(rngs[b].integers(2 ** 62))) for b in chosen]
             with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
-                tails = greedy_continuation(model, prompts, len(rows[chosen[0]]) - prompt_len)
+                tails = continuation(model, prompts, len(rows[chosen[0]]) - prompt_len,
+                                     torch.tensor([temps[b] for b in chosen]), generators)
             for b, tail in zip(chosen, tails.tolist()):
                 rows[b][prompt_len:] = tail
                 real_until[b] = prompt_len
-        return {"input_ids": rows, "real_until": real_until}
+        return {"input_ids": rows, "real_until": real_until, "temperature": temps}
 
-    features = Features({**chunks.features, "real_until": Value("int32")})
+    features = Features({**chunks.features, "real_until": Value("int32"), "temperature": Value("float32")})
     return map_sharded(chunks, continue_some, model, features, cache_file, batch_size,
-                       "self-contexts: greedy continuations", rank, world, barrier)
+                       "self-contexts: the model's continuations", rank, world, barrier)
 
 
 def self_distill(chunks: Dataset, model, max_adaptive: int, spans_per_seq: float, seed: int, cache_file: Path,
@@ -172,8 +195,9 @@ def distill_cache_file(cache_dir: Path, model_path: str, chunks: Dataset, args, 
     """Cache file named by a hash of the model's files (name, size, mtime), the data and the settings."""
     model_dir = Path(model_path)
     files = sorted(model_dir.iterdir()) if model_dir.is_dir() else []
+    temperatures = [] if args.self_context_temperatures == [0.0] else [args.self_context_temperatures]  # old keys hold
     key = [str(model_dir.resolve()) if files else model_path,
            [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()],
            chunks._fingerprint, args.max_adaptive, args.spans_per_seq, args.seed, args.bf16, args.self_contexts,
-           args.context_prompt_len]
+           args.context_prompt_len, *temperatures]
     return cache_dir / f"{kind}-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20]}.arrow"

@@ -3,12 +3,13 @@
     vllm-sdsat train --model BASE --data train.jsonl --adaptive-token-ids 2 --max-adaptive 5 --output OUT
 
 Loss = CE(real tokens) + w * CE(adaptive tokens); both parts are logged (loss_real, loss_adaptive).
+With --soft-targets, adaptive tokens in sampled self-contexts take KL(p || q) instead of CE (soft_target_loss).
 Being a plain `Trainer`, it runs unchanged under accelerate / torchrun / DeepSpeed / FSDP; pass extra
 TrainingArguments with --training-arg KEY=VALUE. The output is a normal checkpoint (model, tokenizer)
 whose config.json carries the `sdsat` block that inference reads.
 
---labels self (self-distillation) and --self-contexts F: see self_distill.py. The generation is
-sharded over the ranks of a distributed run; every rank then loads all shards.
+--labels self (self-distillation), --self-contexts F and --self-context-temperatures: see self_distill.py.
+The generation is sharded over the ranks of a distributed run; every rank then loads all shards.
 
 Checkpoints: --save-steps N writes OUT/checkpoint-N every N steps (optimizer, scheduler, RNG states
 and the step); --resume continues from the last one in OUT (or from a given checkpoint folder).
@@ -82,10 +83,26 @@ def masked_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum") / keep.sum().clamp(min=1)
 
 
-class SdsatTrainer(Trainer):
-    """Trainer with loss = CE(real) + adaptive_weight * CE(adaptive) on AdaptiveSpanCollator batches.
+def soft_target_loss(logits: torch.Tensor, position_ids: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """Mean KL(p_T || q_T) over the adaptive tokens whose soft temperature T is > 0 (0 when there are none).
 
-    The two parts are averaged over the steps since the last log (and over processes) and logged as
+    q is the slot's distribution; p the model's own, detached, at the real token with the slot's position
+    id (both predict the token after it), along the sampled continuation; both at temperature T, as a
+    draft is drawn and verified at T. Lossless acceptance of a draft from q is 1 - TV(p, q).
+    """
+    keep = temperature > 0
+    t = temperature[keep][:, None]
+    p = logits[keep.nonzero()[:, 0], position_ids[keep]].detach().float() / t
+    q = logits[keep].float() / t
+    kl = F.kl_div(q.log_softmax(-1), p.log_softmax(-1), log_target=True, reduction="sum")
+    return kl / keep.sum().clamp(min=1)
+
+
+class SdsatTrainer(Trainer):
+    """Trainer with loss = CE(real) + adaptive_weight * CE(adaptive) on AdaptiveSpanCollator batches;
+    adaptive tokens with a soft target count their soft_target_loss instead of a CE (the mean is over both).
+
+    The parts are averaged over the steps since the last log (and over processes) and logged as
     loss_real and loss_adaptive next to the Trainer's own loss. Costs one extra all-reduce per log.
     """
 
@@ -99,6 +116,11 @@ class SdsatTrainer(Trainer):
         outputs = model(**forward_inputs(inputs, self.model.dtype))
         real = masked_ce(outputs.logits, inputs["real_labels"])
         adaptive = masked_ce(outputs.logits, inputs["adaptive_labels"])
+        soft_t = inputs.get("soft_temperature")
+        if soft_t is not None and soft_t.any():
+            soft = soft_target_loss(outputs.logits, inputs["position_ids"], soft_t)
+            hard_n, soft_n = (inputs["adaptive_labels"] != IGNORE).sum(), (soft_t > 0).sum()
+            adaptive = (adaptive * hard_n + soft * soft_n) / (hard_n + soft_n)
         if model.training:
             self.loss_parts["loss_real"].append(real.detach())
             self.loss_parts["loss_adaptive"].append(adaptive.detach())
@@ -165,6 +187,13 @@ def build_trainer(args: argparse.Namespace) -> tuple[SdsatTrainer, SdsatConfig]:
         raise SdsatConfigError("sdsat: --method basic trains with --labels data only")
     if args.self_contexts and args.labels != "self":
         raise SdsatConfigError("sdsat: --self-contexts needs --labels self")
+    if min(args.self_context_temperatures) < 0:
+        raise SdsatConfigError(f"sdsat: --self-context-temperatures must be >= 0, got {args.self_context_temperatures}")
+    if args.self_context_temperatures != [0.0] and not args.self_contexts:
+        raise SdsatConfigError("sdsat: --self-context-temperatures needs --self-contexts F")
+    if args.soft_targets and not (args.self_contexts and max(args.self_context_temperatures) > 0):
+        raise SdsatConfigError("sdsat: --soft-targets needs sampled self-contexts (--self-contexts F and a "
+                               "--self-context-temperatures value above 0)")
     if not 0 <= args.self_contexts <= 1:
         raise SdsatConfigError(f"sdsat: --self-contexts is a fraction in [0, 1], got {args.self_contexts}")
     if args.self_contexts and not args.max_adaptive + 2 <= args.context_prompt_len < args.seq_len:
@@ -210,13 +239,14 @@ def build_trainer(args: argparse.Namespace) -> tuple[SdsatTrainer, SdsatConfig]:
         if args.self_contexts:
             chunks = self_contexts(chunks, model.to(targs.device), args.self_contexts, args.context_prompt_len,
                                    args.seed, distill_cache_file(cache_dir, args.model, chunks, args, "contexts"),
-                                   args.distill_batch_size, args.bf16, **shards)
+                                   args.distill_batch_size, args.bf16, **shards,
+                                   temperatures=args.self_context_temperatures)
         cache_file = distill_cache_file(cache_dir, args.model, chunks, args)
         chunks = self_distill(chunks, model.to(targs.device), args.max_adaptive, args.spans_per_seq, args.seed,
                               cache_file, args.distill_batch_size, args.bf16, **shards)
     chunks = chunks.add_column("index", list(range(len(chunks))))  # per-example span seeds (data.py)
     collator = AdaptiveSpanCollator(cfg.adaptive_token_ids, args.max_adaptive, args.spans_per_seq, args.method,
-                                    tokenizer.pad_token_id or 0, args.seed)
+                                    tokenizer.pad_token_id or 0, args.seed, args.soft_targets)
     trainer = SdsatTrainer(model=model, args=targs, train_dataset=chunks, data_collator=collator,
                            processing_class=tokenizer, adaptive_weight=args.adaptive_weight,
                            callbacks=[ConsoleProgress(), SpanEpoch(collator)])
@@ -270,6 +300,13 @@ def key_value(text: str) -> tuple[str, object]:
         return key, value
 
 
+def floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def add_cli(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--model", required=True, help="base model: directory or hub name (Hugging Face causal LM)")
@@ -288,6 +325,11 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
       help="adaptive labels: the data's next tokens, or the base model's own greedy continuation")
     a("--self-contexts", type=float, default=0.0, metavar="F",
       help="with --labels self: fraction of sequences whose tail is the base model's own greedy continuation")
+    a("--self-context-temperatures", type=floats, default=[0.0], metavar="T1,T2,..",
+      help="temperatures of the self-context continuations, one drawn per sequence (default 0: greedy)")
+    a("--soft-targets", action="store_true",
+      help="adaptive slots in sampled self-contexts learn the model's own distribution at the context's "
+           "temperature (KL), not a greedy token")
     a("--context-prompt-len", type=int, default=128, help="data tokens kept before a self-context continuation")
     a("--seq-len", type=int, default=1024)
     a("--max-steps", type=int, default=1000)

@@ -22,20 +22,16 @@ from vllm.config import VllmConfig
 from vllm.config import vllm as vllm_config_module
 from vllm.platforms import current_platform
 
-from vllm_sdsat.patches.speculative_config import is_sdsat
+from vllm_sdsat.patches.speculative_config import is_sdsat, resolved_block
 
 _original_post_init = VllmConfig.__post_init__
 _ON_DEVICE_METHODS = vllm_config_module.NgramGPUTypes  # one of the two method lists the gate reads
 _explicitly_on = False  # while an SDSAT config is built: did the user ask for async scheduling?
 
 
-def _lookup(config: VllmConfig) -> str:
-    return (getattr(config.model_config.hf_config, "sdsat", None) or {}).get("lookup", "none")
-
-
 def __post_init__(self: VllmConfig) -> None:
     global _explicitly_on
-    if not is_sdsat(self.speculative_config) or _lookup(self) != "none":  # lookup drafts are host-side, like ngram's
+    if not is_sdsat(self.speculative_config) or resolved_block(self).get("lookup", "none") != "none":  # lookup drafts are host-side, like ngram's
         return _original_post_init(self)
     _explicitly_on = self.scheduler_config.async_scheduling is True
     vllm_config_module.NgramGPUTypes = Literal[(*get_args(_ON_DEVICE_METHODS), "custom_class")]

@@ -22,7 +22,7 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_sdsat.engine.auto_k import AutoK
-from vllm_sdsat.patches.speculative_config import is_sdsat
+from vllm_sdsat.patches.speculative_config import is_sdsat, resolved_block
 
 NUM_DRAFTS = "sdsat_num_drafts"  # SchedulerOutput attribute read by patches/draft_pass.py
 _FORGET_EVERY = 256  # steps between dropping the acceptance history of finished requests
@@ -34,7 +34,7 @@ def _controller(scheduler: Scheduler) -> AutoK | None:
     if not hasattr(scheduler, "_sdsat_auto_k"):
         config = scheduler.vllm_config
         auto = (is_sdsat(config.speculative_config) and scheduler.dynamic_sd_lookup is not None
-                and (getattr(config.model_config.hf_config, "sdsat", None) or {}).get("auto", False))
+                and resolved_block(config).get("auto", False))
         scheduler._sdsat_auto_k = AutoK(scheduler.num_spec_tokens) if auto else None
     return scheduler._sdsat_auto_k
 

@@ -168,7 +168,7 @@ class TargetDraftPass:
         return runner.model.compute_logits(hidden[:num_tokens])
 
 
-def _sdsat_target(runner: GPUModelRunner) -> TargetDraftPass | None:
+def sdsat_target(runner: GPUModelRunner) -> TargetDraftPass | None:
     from vllm_sdsat.engine.proposer import SdsatProposer
 
     if not isinstance(getattr(runner, "drafter", None), SdsatProposer):
@@ -179,7 +179,7 @@ def _sdsat_target(runner: GPUModelRunner) -> TargetDraftPass | None:
 
 
 def _bookkeeping_sync(self: GPUModelRunner, scheduler_output, sampler_output, *args, **kwargs):
-    target = _sdsat_target(self)
+    target = sdsat_target(self)
     # Without async scheduling, t0 is needed only by a draft pass; with it, the next step's input
     # preparation reads the valid counts every step.
     if target is not None and (self.use_async_scheduling or scheduler_output.num_spec_tokens_to_schedule):
@@ -190,7 +190,7 @@ def _bookkeeping_sync(self: GPUModelRunner, scheduler_output, sampler_output, *a
 def propose_draft_token_ids(self: GPUModelRunner, scheduler_output, sampled_token_ids, sampling_metadata,
                             hidden_states, sample_hidden_states, aux_hidden_states, spec_decode_metadata,
                             common_attn_metadata, *args, **kwargs):
-    target = _sdsat_target(self)
+    target = sdsat_target(self)
     if target is None:
         return _original_propose(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
                                  sample_hidden_states, aux_hidden_states, spec_decode_metadata,

@@ -16,6 +16,8 @@ whose placeholders and valid-count hand-over the next step reads.
 from vllm.v1.engine.core import EngineCore
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+from vllm_sdsat.patches.draft_pass import sdsat_target
+
 _original_execute = GPUModelRunner.execute_model
 _original_sample = GPUModelRunner.sample_tokens
 _original_post_step = EngineCore.post_step
@@ -23,11 +25,8 @@ _HIDDEN = "_sdsat_hidden_speculative_config"  # set between a plain step's execu
 
 
 def is_plain_step(runner: GPUModelRunner, scheduler_output) -> bool:
-    from vllm_sdsat.engine.proposer import SdsatProposer
-
-    return (not runner.use_async_scheduling and isinstance(getattr(runner, "drafter", None), SdsatProposer)
-            and scheduler_output.num_spec_tokens_to_schedule == 0
-            and not scheduler_output.scheduled_spec_decode_tokens)
+    return (not runner.use_async_scheduling and scheduler_output.num_spec_tokens_to_schedule == 0
+            and not scheduler_output.scheduled_spec_decode_tokens and sdsat_target(runner) is not None)
 
 
 def execute_model(self: GPUModelRunner, scheduler_output, *args, **kwargs):

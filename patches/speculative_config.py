@@ -33,6 +33,11 @@ def is_sdsat(speculative_config) -> bool:
     return speculative_config is not None and speculative_config.model == PROPOSER_PATH
 
 
+def resolved_block(vllm_config) -> dict:
+    """The SDSAT block `resolve` wrote into the target's hf_config ({} for other engines)."""
+    return getattr(vllm_config.model_config.hf_config, "sdsat", None) or {}
+
+
 def _requested(args: EngineArgs) -> bool:
     spec = args.speculative_config or {}
     return "sdsat" in (spec.get("method"), spec.get("model"), args.spec_method, args.spec_model)

@@ -138,12 +138,13 @@ class StepCost:
         return max(a, 1e-3), max(b, 1e-6), d + e
 
 
-def step_ms(cost: tuple[float, float, float], base_tokens: int, k: np.ndarray) -> float:
-    """Predicted ms of a step whose requests get drafts `k`: they are verified next step, and the draft
-    pass (as wide as the largest k, over the rows with k > 0) runs in this one."""
+def step_ms(cost: tuple[float, float, float], base_tokens: int, k: np.ndarray) -> np.ndarray:
+    """Predicted ms of a step whose requests get drafts `k` (the last axis; any leading axes are
+    other plans): they are verified next step, and the draft pass (as wide as the largest k, over the
+    rows with k > 0) runs in this one."""
     a, b, d = cost
-    drafting = int((k > 0).sum())
-    return a + b * (base_tokens + k.sum() + k.max(initial=0) * drafting) + (d if drafting else 0.0)
+    drafting = (k > 0).sum(-1)
+    return a + b * (base_tokens + k.sum(-1) + k.max(-1, initial=0) * drafting) + d * (drafting > 0)
 
 
 def best_drafting_plan(expected: np.ndarray, cost: tuple[float, float, float], base_tokens: int
@@ -152,7 +153,7 @@ def best_drafting_plan(expected: np.ndarray, cost: tuple[float, float, float], b
 
     For every draft-pass width w at once, each request's best k <= w at that width's current rate lam is
     argmax_k E_r(k) - lam * b * (k + w * [k > 0]) (Dinkelbach's method); three rounds converge."""
-    a, b, d = cost
+    b = cost[1]
     n, k_max = expected.shape[0], expected.shape[1] - 1
     ks = np.arange(k_max + 1)
     widths = np.arange(1, k_max + 1)[:, None]                                    # [W, 1]
@@ -164,9 +165,7 @@ def best_drafting_plan(expected: np.ndarray, cost: tuple[float, float, float], b
         k = (expected[None] - lam[:, None, None] * price[:, None, :]).argmax(2)  # [W, n]
         idle = ~k.any(1)
         k[idle, gainers[idle]] = widths[idle, 0]   # a drafting plan drafts at least one request
-        drafting = (k > 0).sum(1)
-        ms = a + b * (base_tokens + k.sum(1) + k.max(1) * drafting) + d
-        lam = expected[np.arange(n), k].sum(1) / ms
+        lam = expected[np.arange(n), k].sum(1) / step_ms(cost, base_tokens, k)
         w = lam.argmax()
         if lam[w] > best_rate:
             best_k, best_rate = k[w], lam[w]

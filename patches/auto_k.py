@@ -9,7 +9,8 @@ size (`patches/speculative_config.py`), which puts vLLM's scheduler in its dynam
 padding of decodes to a uniform K, and a `num_spec_tokens_to_schedule` per step that the workers
 draft. After each `schedule`, `AutoK` picks each scheduled request's drafts for the next step:
 - the scheduler output carries them to the workers as `sdsat_num_drafts` (request id -> k), and
-  `num_spec_tokens_to_schedule` becomes their maximum, the width of the draft pass;
+  `num_spec_tokens_to_schedule` becomes their maximum, the width of the draft pass; in hybrid engines
+  `sdsat_lookup_only` says the step takes lookup drafts alone (no draft pass);
 - under async scheduling each request's placeholders are cut to its own k, so the next step
   verifies only those (without async, the workers hand back exactly k drafts per request).
 Each request's drafted and accepted counts reach `AutoK` through `make_spec_decoding_stats`, which
@@ -24,7 +25,8 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm_sdsat.engine.auto_k import AutoK
 from vllm_sdsat.patches.speculative_config import is_sdsat, resolved_block
 
-NUM_DRAFTS = "sdsat_num_drafts"  # SchedulerOutput attribute read by patches/draft_pass.py
+NUM_DRAFTS = "sdsat_num_drafts"  # SchedulerOutput attributes read by patches/draft_pass.py
+LOOKUP_ONLY = "sdsat_lookup_only"  # hybrid engines: this step's drafts are lookup drafts alone
 _FORGET_EVERY = 256  # steps between dropping the acceptance history of finished requests
 _original_schedule = Scheduler.schedule
 _original_stats = Scheduler.make_spec_decoding_stats
@@ -33,9 +35,10 @@ _original_stats = Scheduler.make_spec_decoding_stats
 def _controller(scheduler: Scheduler) -> AutoK | None:
     if not hasattr(scheduler, "_sdsat_auto_k"):
         config = scheduler.vllm_config
-        auto = (is_sdsat(config.speculative_config) and scheduler.dynamic_sd_lookup is not None
-                and resolved_block(config).get("auto", False))
-        scheduler._sdsat_auto_k = AutoK(scheduler.num_spec_tokens) if auto else None
+        block = resolved_block(config) if is_sdsat(config.speculative_config) else {}
+        auto = scheduler.dynamic_sd_lookup is not None and block.get("auto", False)
+        scheduler._sdsat_auto_k = (AutoK(scheduler.num_spec_tokens, lookup=block.get("lookup", "none") != "none")
+                                   if auto else None)
     return scheduler._sdsat_auto_k
 
 
@@ -51,6 +54,7 @@ def schedule(self: Scheduler, *args, **kwargs):
     counts = dict(zip(req_ids, auto.plan(req_ids, output.total_num_scheduled_tokens,
                                          output.total_num_scheduled_tokens - num_spec)))
     setattr(output, NUM_DRAFTS, counts)
+    setattr(output, LOOKUP_ONLY, auto.lookup_only)
     output.num_spec_tokens_to_schedule = self._sdsat_width = max(counts.values(), default=0)
     if isinstance(self, AsyncScheduler):
         for req_id, k in counts.items():

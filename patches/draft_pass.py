@@ -45,7 +45,7 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vllm_sdsat.config import SdsatConfigError
 from vllm_sdsat.engine.draft_sampling import one_hot_probs
-from vllm_sdsat.patches.auto_k import NUM_DRAFTS
+from vllm_sdsat.patches.auto_k import LOOKUP_ONLY, NUM_DRAFTS
 
 _original_bookkeeping = GPUModelRunner._bookkeeping_sync
 _original_propose = GPUModelRunner.propose_draft_token_ids
@@ -209,7 +209,8 @@ def propose_draft_token_ids(self: GPUModelRunner, scheduler_output, sampled_toke
         self._draft_probs = self._draft_prob_req_ids = None
         return [[] for _ in req_ids]
     lookup = _lookup_drafts(self, num_drafts, sampled_token_ids) if hybrid else {}
-    adaptive = [0 if i in lookup else k for i, k in enumerate(num_drafts)]
+    lookup_only = getattr(scheduler_output, LOOKUP_ONLY, False)  # automatic K's lookup mode: no draft pass
+    adaptive = [0 if i in lookup or lookup_only else k for i, k in enumerate(num_drafts)]
     rows, drafts, probs = drafter.propose_from_target(target, common_attn_metadata, spec_decode_metadata,
                                                      sampling_metadata, adaptive)
     drafting = list(range(len(req_ids))) if rows is None else rows.tolist()

@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 import pytest
 
-from vllm_sdsat.engine.auto_k import (PROBE_BUDGET, PROBE_MIN, Acceptance, AutoK, StepCost, best_drafting_plan,
+from vllm_sdsat.engine.auto_k import (PROBE_BUDGET, Acceptance, AutoK, StepCost, best_drafting_plan,
                                       step_ms)
 
 K = 4
@@ -100,68 +100,110 @@ def test_step_cost_fit_recovers_the_machine():
     assert np.allclose(fit.coefficients(), [5.0, 0.2, 4.0], rtol=0.15, atol=0.3)  # drafting pays both fixed costs
 
 
-class Machine:
-    """A fake engine: step time from given coefficients, every draft of every request accepted with
-    probability `accept`, the clock advanced by each step's cost."""
+def test_step_cost_fit_holds_where_features_never_vary():
+    """Batch 1's plain steps: one token count, never a draft pass, thousands of steps. The fit must stay
+    at the time measured (recursive least squares with forgetting winds up here and drifts away)."""
+    rng = np.random.default_rng(0)
+    fit = StepCost()
+    for _ in range(5000):
+        fit.observe(1, 0, False, rng.normal(2.2, 0.3) / 1e3)
+    a, b, _ = fit.coefficients()
+    assert a + b == pytest.approx(2.2, rel=0.1)
 
-    def __init__(self, cost, accept, n=4, seed=0):
-        self.cost, self.accept, self.n = cost if callable(cost) else np.array(cost), accept, n
+
+class Machine:
+    """A fake engine: step time from given coefficients [a, b, d] (ms, per token, per draft pass) or a
+    function of (verified, drafted, verifying), every draft of every request accepted with probability
+    `accept`, the clock advanced by each step's cost."""
+
+    def __init__(self, cost, accept, n=4, seed=0, lookup_accept=None):
+        self.cost, self.accept, self.n, self.lookup_accept = cost, accept, n, lookup_accept
         self.rng = np.random.default_rng(seed)
         self.now = 0.0
         self.tokens = 0
-        self.auto = AutoK(K, clock=lambda: self.now)
+        self.auto = AutoK(K, lookup=lookup_accept is not None, clock=lambda: self.now)
+
+    def step_ms(self, verified: int, drafted: int, verifying: bool) -> float:
+        if callable(self.cost):
+            return self.cost(verified, drafted, verifying)
+        return np.array(self.cost) @ [1, verified + drafted, drafted > 0]
 
     def run(self, steps: int) -> list[list[int]]:
         req_ids = [f"r{i}" for i in range(self.n)]
         drafts = [0] * self.n
         plans = []
-        for _ in range(steps):
-            verified = self.n + sum(drafts)
+        accept = self.accept
+        for _ in range(steps):  # as in vLLM: schedule (and plan), run the step, then report its acceptance
+            verified = self.n + sum(drafts)  # this step verifies the last plan's drafts
+            plan = self.auto.plan(req_ids, verified, self.n)
+            plans.append(plan)
+            draft_pass = 0 if self.auto.lookup_only else max(plan) * sum(k > 0 for k in plan)
+            self.now += self.step_ms(verified, draft_pass, any(drafts)) / 1e3
             self.tokens += self.n
             for r, k in zip(req_ids, drafts):
                 if k:
-                    trials = self.rng.random(k) < self.accept  # accepted up to the first rejection
+                    trials = self.rng.random(k) < accept  # accepted up to the first rejection
                     accepted = k if trials.all() else int(np.argmin(trials))
                     self.auto.observe_drafts(r, k, accepted)
                     self.tokens += accepted
-            drafts = self.auto.plan(req_ids, verified, self.n)
-            plans.append(drafts)
-            drafted = max(drafts) * sum(k > 0 for k in drafts)
-            ms = self.cost(verified, drafted) if callable(self.cost) else self.cost @ [1, verified + drafted, drafted > 0]
-            self.now += ms / 1e3
+            drafts, accept = plan, self.lookup_accept if self.auto.lookup_only else self.accept
         return plans
+
+    def rate(self, steps: int) -> float:
+        """Tokens per ms over the next `steps` steps."""
+        start_time, start_tokens = self.now, self.tokens
+        self.run(steps)
+        return (self.tokens - start_tokens) / (self.now - start_time) / 1e3
 
 
 def test_auto_k_never_drafts_where_drafting_costs_more_than_it_gives():
     machine = Machine(cost=[1.0, 2.0, 2.0], accept=0.6)
     machine.run(100)
-    start_time, start_tokens = machine.now, machine.tokens
     steady = machine.run(500)
-    drafting = [p for p in steady if any(p)]
-    assert len(drafting) <= len(steady) // PROBE_MIN + 1  # only the probes draft
+    assert sum(any(p) for p in steady) <= 0.05 * len(steady)  # probes only
     plain_rate = 4 / (1.0 + 2.0 * 4)  # tokens per ms without drafts
-    assert (machine.tokens - start_tokens) / (machine.now - start_time) >= (1 - 2 * PROBE_BUDGET) * plain_rate
+    assert machine.rate(500) >= (1 - 2 * PROBE_BUDGET) * plain_rate
 
 
 def test_auto_k_drafts_all_k_where_drafts_are_cheap_and_accepted():
     plans = Machine(cost=[20.0, 0.05, 1.0], accept=0.95).run(600)
     steady = plans[100:]
-    assert sum(p == [K] * 4 for p in steady) >= len(steady) * (1 - PROBE_BUDGET * 2)
+    assert sum(p == [K] * 4 for p in steady) >= len(steady) * 0.97
 
 
 def test_auto_k_follows_the_machine_when_drafting_stops_paying():
     machine = Machine(cost=[20.0, 0.05, 1.0], accept=0.95)
     machine.run(300)
-    machine.cost = np.array([1.0, 2.0, 2.0])  # e.g. the batch grew on a machine where tokens cost
+    machine.cost = [1.0, 2.0, 2.0]  # e.g. the batch grew on a machine where tokens cost
     plans = machine.run(1200)[-400:]
-    assert sum(any(p) for p in plans) <= 400 // PROBE_MIN + 1
+    assert sum(any(p) for p in plans) <= 0.05 * len(plans)
+
+
+def test_auto_k_drafts_by_measured_speedup_where_fixed_costs_do_not_add_up():
+    """vLLM's speculative path costs the same in a step that drafts, verifies, or both: a cost the
+    linear step model (draft pass + verification, added) gets wrong. Drafting every step wins here by
+    1.34x (E(4) = 3.36 tokens in 5 ms against 1 in 2 ms); measured, it is found."""
+    machine = Machine(cost=lambda verified, drafted, verifying: 2.0 + 3.0 * (drafted > 0 or verifying),
+                      accept=0.8, n=1)
+    machine.run(300)
+    assert machine.rate(1000) >= 1.25 * 1 / 2.0  # tokens per ms of plain decoding: 1 per 2 ms
+
+
+def test_hybrid_auto_k_takes_lookup_drafts_alone_where_they_pay_and_adaptive_ones_do_not():
+    """Hybrid drafting: lookup drafts cost only their verification and are accepted at 0.9; adaptive
+    drafts need the draft pass and are accepted at 0.5. Lookup mode (1.5x plain) beats both."""
+    machine = Machine(cost=[1.0, 0.2, 2.0], accept=0.5, lookup_accept=0.9)
+    machine.run(300)
+    plain_rate = 4 / (1.0 + 0.2 * 4)
+    assert machine.rate(1000) >= 1.35 * plain_rate
+    assert machine.auto.classes[3].mode == "lookup"
 
 
 def test_auto_k_fits_each_batch_size_on_its_own():
     """A machine where a forward of up to 16 tokens costs what one token costs, and more cost 0.3 ms
     each: drafting pays alone, not at batch 16. The batch alternates between the two, as static
-    batches do when they drain. One line through both sizes gets both wrong."""
-    machine = Machine(cost=lambda verified, drafted: 2.0 + 0.3 * max(0, verified - 16) + 0.3 * drafted,
+    batches do when they drain."""
+    machine = Machine(cost=lambda verified, drafted, verifying: 2.0 + 0.3 * max(0, verified - 16) + 0.3 * drafted,
                       accept=0.95, n=1)
     drafting_in_batch = full_k_alone = 0
     for cycle in range(15):
@@ -172,7 +214,7 @@ def test_auto_k_fits_each_batch_size_on_its_own():
         if cycle >= 5:
             drafting_in_batch += sum(any(p) for p in batch)
             full_k_alone += sum(p == [K] for p in alone)
-    assert full_k_alone >= 390 and drafting_in_batch <= 400 // PROBE_MIN + 10
+    assert full_k_alone >= 0.95 * 400 and drafting_in_batch <= 0.05 * 400
 
 
 def test_steps_across_an_idle_gap_or_with_prefill_are_not_timed():
@@ -184,4 +226,4 @@ def test_steps_across_an_idle_gap_or_with_prefill_are_not_timed():
         auto.plan(ids, 1 + 100 * (step % 5 == 1), 1 + 100 * (step % 5 == 1))  # and a 100-token prefill
     # Step s is timed when step s + 1 starts: not the first 4 (settling), prefills, or steps before a gap.
     expected = [s for s in range(4, 19) if s % 5 not in (1, 4)]
-    assert sum(c.steps for c in auto.costs.values()) == len(expected)
+    assert sum(c.cost.steps for c in auto.classes.values()) == len(expected)

@@ -92,6 +92,32 @@ def test_bad_options(argv, message):
         cli.resolve_options(parse(*argv))
 
 
+def test_prompts_file(tmp_path):
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps(["def f():", "class A:", "x = ["]))
+    opts = cli.resolve_options(parse("--prompts-file", str(path), "--prompts", "2"))
+    assert runner.workload_prompts(opts) == ["def f():", "class A:"]
+    opts.command_line = "vllm-sdsat bench"
+    assert "prompts.json" in runner.run_meta(opts, [], 2)["workload"]
+    opts = cli.resolve_options(parse("--prompts-file", str(path)))  # the default 164 is cut to the file's 3
+    assert opts.prompts == 3
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "No such file"),
+    ("[1, 2", "Expecting"),
+    ('{"a": 1}', "JSON list of non-empty strings"),
+    ('["ok", ""]', "JSON list of non-empty strings"),
+    ("[]", "JSON list of non-empty strings"),
+])
+def test_bad_prompts_file(tmp_path, content, message):
+    path = tmp_path / "prompts.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        cli.resolve_options(parse("--prompts-file", str(path)))
+
+
 # ---------------------------------------------------------------- method specs
 def test_build_specs_all_methods(model, tmp_path, monkeypatch):
     drafter = write_model(tmp_path / "drafter", sdsat=False)

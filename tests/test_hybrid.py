@@ -117,6 +117,26 @@ def test_lookup_only_batch_runs_no_draft_pass(plain_outputs, hybrid_llm):
     assert calls == 0 and stats["draft_passes"] == 0
 
 
+def test_lookup_mode_of_automatic_k_drafts_lookups_alone(plain_outputs, monkeypatch):
+    """Automatic K's lookup mode (here every step, no warm-up): rows with a lookup match take it, the
+    others draft nothing, the draft pass never runs, and the output is plain vLLM's."""
+    from vllm_sdsat.engine import auto_k
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the scheduler in this process
+    original = auto_k.AutoK.plan
+    monkeypatch.setattr(auto_k.AutoK, "plan", lambda self, *args: setattr(self, "warmup", ()) or original(self, *args))
+    monkeypatch.setattr(auto_k.SizeClass, "next_mode", lambda self: auto_k.LOOKUP)
+    llm = make_llm(HYBRID, async_scheduling=False)
+    llm.collective_rpc(count_draft_forwards)
+    outs = llm.generate(MIXED, GREEDY, use_tqdm=False)
+    (calls, *_), (stats, *_) = llm.collective_rpc(draft_forwards), llm.collective_rpc(draft_stats)
+    del llm
+    gc.collect()
+    mismatched = [i for i, (o, e) in enumerate(zip(outs, plain_outputs)) if list(o.outputs[0].token_ids) != e]
+    assert not mismatched, f"prompts {mismatched} differ from decoding without speculation"
+    assert stats["kinds"]["lookup"]["verified"] > 0 and stats["kinds"]["adaptive"]["drafts"] == 0, stats
+    assert calls == 0 and stats["draft_passes"] == 0
+
+
 # Lookup fires on the prompt's own earlier docstring, whose text the target often does not follow at
 # T = 1: lookup drafts are then low-probability tokens, where a wrong q (not one-hot) would show.
 ECHO_PROMPT = 'def parse_config(path):\n    """Read the file.\n    """\n\n\ndef parse_config(path):\n    """'

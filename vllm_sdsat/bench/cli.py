@@ -41,8 +41,14 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--temperatures", default=None, help="comma-separated, 0 = greedy (default 0,0.2,1.0; --quick 0)")
     p.add_argument("--top-p", type=float, default=0.95, help="top-p when sampling (default 0.95)")
     p.add_argument("--prompts", type=int, default=None, help="first N HumanEval prompts (default 164; --quick 8)")
+    p.add_argument("--prompts-file", default=None,
+                   help="a JSON list of prompt strings to run instead of HumanEval's (the first --prompts of them), "
+                        "e.g. held-out code from examples/tiny_model/heldout_prompts.py")
     p.add_argument("--max-tokens", type=int, default=None, help="new tokens per request (default 256; --quick 128)")
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions per cell (default 3; --quick 1)")
+    p.add_argument("--interleave", action="store_true",
+                   help="run all engines side by side, each repeat of a cell going round them all: ratios that "
+                        "hold on a machine whose speed drifts (more memory: every engine is up at once)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--enforce-eager", action="store_true", help="no torch.compile / graphs")
@@ -88,12 +94,26 @@ def resolve_options(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError("--temperatures needs values >= 0")
     if opts.prompts < 1 or opts.max_tokens < 1 or opts.repeats < 1:
         raise ValueError("--prompts, --max-tokens and --repeats must be >= 1")
-    if opts.prompts > 164 or not 1 <= opts.accuracy_problems <= 164:
+    if opts.prompts_file:
+        opts.prompt_texts = load_prompts_file(opts.prompts_file)
+        opts.prompts = min(opts.prompts, len(opts.prompt_texts))
+    elif opts.prompts > 164 or not 1 <= opts.accuracy_problems <= 164:
         raise ValueError(f"HumanEval has 164 prompts; --prompts {opts.prompts} / --accuracy-problems "
                          f"{opts.accuracy_problems} must be in 1..164")
     if not 0 < opts.top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {opts.top_p}")
     return opts
+
+
+def load_prompts_file(path: str) -> list[str]:
+    """The prompts of --prompts-file, or a ValueError that says what is wrong with the file."""
+    try:
+        prompts = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--prompts-file {path}: {e}") from None
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise ValueError(f"--prompts-file {path} must hold a JSON list of non-empty strings")
+    return prompts
 
 
 def plan(opts: argparse.Namespace) -> tuple[list[EngineSpec], dict]:

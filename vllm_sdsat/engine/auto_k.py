@@ -1,21 +1,34 @@
 """Automatic K: how many drafts each request gets next step, chosen for the most tokens per second.
 
-The rule, each step, for the requests the scheduler just scheduled:
+Two questions, answered each step for the requests the scheduler just scheduled, per size class of
+batch (1, 2-3, 4-7, ...):
 
-    tokens of request r with k drafts      E_r(k) = 1 + sum_{j<=k} prod_{i<=j} p_r(i)
-    step time                              T = a + b * (verified + draft-pass tokens) + d * [draft pass]
-    choose k_r in 0..K per request         maximising sum_r E_r(k_r) / T
+1. *Draft at all?* By measurement. A drafting mode's speedup S is the tokens made in steps that
+   verify its drafts, over the tokens plain decoding makes in the same time (a plain step of n
+   requests costs what the class's recent plain steps cost, fitted as a + b * n). The class runs the
+   mode of highest S, plain decoding's being 1. Every other mode is now and then probed for a few
+   steps, spaced so that a probe's expected loss stays under 1% of the class's time. The modes are
+   plain and drafting, and in hybrid engines (`lookup: "ngram"`) also lookup drafts alone, where rows
+   whose text repeats take a lookup draft and the rest none, with no draft pass.
+2. *How many drafts per request?* By a model. While drafting:
 
-p_r(i) is request r's acceptance rate at draft position i, given the drafts before it were accepted,
-smoothed towards the rate of all requests at i (a new request takes theirs), so a T = 1.0 request
-and a greedy one in the same batch get different k. The draft pass is as wide as the largest k_r,
-and requests with k_r = 0 skip it. T is a least-squares fit over recent steps, timed by the
-scheduler's own clock, so it measures this machine under this load. k = 0 for every request makes
-the next step a plain decoding step. The rule can only learn what it tries, so now and then it takes
-the better plan of the other kind (drafting or not) for one step, as rarely as keeps the expected
-loss of these probes under 1% of the tokens (every 16 to 256 steps).
+       tokens of request r with k drafts      E_r(k) = 1 + sum_{j<=k} prod_{i<=j} p_r(i)
+       step time                              T = a + b * (verified + draft-pass tokens) + d * [draft pass]
+       choose k_r in 0..K per request         maximising sum_r E_r(k_r) / T, some k_r > 0
 
-Costs O(requests x K^2) numpy work every few steps: about 25 microseconds per step on average.
+   p_r(i) is request r's acceptance rate at draft position i, given the drafts before it were accepted,
+   smoothed towards the rate of all requests at i (a new request takes theirs), so a T = 1.0 request
+   and a greedy one in the same batch get different k. T is a least-squares fit over recent steps,
+   timed by the scheduler's own clock. The draft pass is as wide as the largest k_r, and requests with
+   k_r = 0 skip it.
+
+The model alone once decided question 1 too, and in vLLM it was wrong both ways (drafting at batch 16
+where that lost 10%, plain at batch 1 greedy on half the steps): a step's fixed costs are not
+additive (a step that verifies and drafts pays vLLM's speculative path once), and its acceptance
+estimates are noisy where the margin is thin. A measured speedup needs no model of either.
+
+Costs, per step: a few dict and float operations while not drafting; O(requests x K^2) numpy work every
+few steps while drafting, about 25 microseconds per step on average.
 """
 from __future__ import annotations
 
@@ -23,14 +36,13 @@ import time
 
 import numpy as np
 
-PROBE_BUDGET = 0.01   # at most this fraction of the tokens spent on probes of the choice not taken
-PROBE_MIN, PROBE_MAX = 16, 256  # steps between probes
+PROBE_BUDGET = 0.01   # at most this fraction of a class's time spent losing in probes of the mode not taken
+PROBE_STEPS = 3       # steps per probe; a probe of drafting also times the step that verifies its drafts
+PROBE_SPACING = (8, 400)  # bounds on the time between probes, in probe lengths
+SWITCH_AT = 1.02      # another mode must beat the current one by this factor: a little hysteresis
+SPEEDUP_DECAY = 0.95  # per step that drafts or verifies: how fast the measured speedup forgets
 WARMUP_STEPS = 8      # steps timed per batch-size class before its cost fit is trusted (widths K, 0, K/2)
-REPLAN_EVERY = 4      # steps a choice is kept while the batch stays the same
-# Drafting must beat plain decoding by this factor in the fit. The fit is per step; it does not see what
-# drafting costs outside its steps (in a static batch, requests that accept less finish later, and the
-# batch's last steps run nearly empty), and measured in vLLM it drafted where that lost 10-25%.
-DRAFT_MARGIN = 1.15
+REPLAN_EVERY = 4      # steps a drafting plan is kept while the batch stays the same
 SETTLE_STEPS = 4      # the engine's first steps, never timed: they include one-time set-up
 PRIOR_WEIGHT = 2.0    # how many observations of all requests' acceptance a request's own estimate starts with
 REQUEST_DECAY = 0.9   # per observation: a request's recent drafts count more than its old ones
@@ -103,21 +115,27 @@ class Acceptance:
 
 class StepCost:
     """Least-squares fit of step ms = a + b * (verified + draft-pass tokens) + d * [draft pass]
-    + e * [drafts verified], updated recursively with forgetting (recent steps weigh more).
+    + e * [drafts verified], over exponentially forgotten steps (recent steps weigh more).
 
     A draft token and a verified token cost the same (both are tokens of a forward of the same model);
     with separate prices the two are collinear whenever every request drafts the step's width. The two
     fixed costs of drafting fall in different steps: the draft pass in the step that drafts, vLLM's
     speculative verification (rejection sampler, spec metadata, the draft round trip) in the next one.
     A plan that keeps drafting pays both every step; apart, they keep the step after a switch from
-    being charged to the tokens."""
+    being charged to the tokens.
+
+    The fit solves the forgotten normal equations with a small ridge each step, rather than updating
+    recursively: where some feature never varies (batch 1 has one token count; plain steps never
+    draft), recursive least squares with forgetting winds up its covariance and, thousands of steps
+    on, drifts (measured: a plain step fitted at 4.7 ms against 2.2 ms timed)."""
 
     FORGET = 0.98
+    RIDGE = 1e-3
     SCALE = np.array([1.0, 1e-2, 1.0, 1.0])  # tokens in hundreds: a well-conditioned fit
 
     def __init__(self):
         self.theta = np.zeros(4)
-        self.cov = np.eye(4) * 1e3
+        self.xx, self.xy = np.zeros((4, 4)), np.zeros(4)  # forgotten sums of x x^T and x * ms
         self.steps = self.outliers = 0
 
     def observe(self, verified: int, drafted: int, verifying: bool, seconds: float) -> None:
@@ -126,9 +144,9 @@ class StepCost:
         self.outliers = self.outliers + 1 if outlier else 0
         if 0 < self.outliers <= 2:
             return  # one-time set-up (kernels for a new shape), unless it persists: then the machine changed
-        gain = self.cov @ x / (self.FORGET + x @ self.cov @ x)
-        self.theta = self.theta + gain * (seconds * 1e3 - x @ self.theta)  # in milliseconds
-        self.cov = (self.cov - np.outer(gain, x @ self.cov)) / self.FORGET
+        self.xx = self.FORGET * self.xx + np.outer(x, x)
+        self.xy = self.FORGET * self.xy + x * seconds * 1e3  # in milliseconds
+        self.theta = np.linalg.solve(self.xx + self.RIDGE * np.eye(4), self.xy)
         self.steps += 1
 
     def coefficients(self) -> tuple[float, float, float]:
@@ -172,23 +190,105 @@ def best_drafting_plan(expected: np.ndarray, cost: tuple[float, float, float], b
     return best_k, float(best_rate)
 
 
-class AutoK:
-    """The scheduler's controller: acceptance and step times in, drafts per request out."""
+PLAIN, LOOKUP, DRAFTING = "plain", "lookup", "drafting"  # modes of a step (LOOKUP: hybrid engines only)
 
-    def __init__(self, k_max: int, clock=time.perf_counter):
+
+class SizeClass:
+    """What automatic K knows of batches of one size class (a power of two of requests): the step-cost
+    fit that prices drafts, what a plain step costs, and each drafting mode's measured speedup over it."""
+
+    def __init__(self, modes: tuple[str, ...]):
+        self.cost = StepCost()   # every timed step: prices widths
+        self.plain = StepCost()  # plain steps only: a + b * requests
+        # Per drafting mode, decayed over steps that verify its drafts: [tokens made, what plain
+        # decoding would have made in their time].
+        self.made = {mode: [0.0, 0.0] for mode in modes}
+        self.ms = {mode: 1.0 for mode in (PLAIN, *modes)}  # recent ms per step in each mode
+        self.ms_since = dict.fromkeys(self.ms, 0.0)        # class time since each mode last ran
+        self.mode = PLAIN
+        self.probe: tuple[str, int] | None = None          # (mode, steps left)
+
+    def speedup(self, mode: str) -> float | None:
+        if mode == PLAIN:
+            return 1.0
+        made, plain_made = self.made[mode]
+        return made / plain_made if plain_made else None
+
+    def observe(self, requests: int, verified: int, drafted: int, verifying: bool, mode: str,
+                verified_mode: str | None, made: float, seconds: float, warmed_up: bool) -> None:
+        """One timed step of `mode`, which verified drafts of `verified_mode` and made `made` tokens in
+        `seconds`. Steps of the warm-up, whose widths are not the model's, train the fits but not the
+        speedups; nor does a first step of drafting (nothing verified yet, a one-time cost)."""
+        self.cost.observe(verified, drafted, verifying, seconds)
+        ms = seconds * 1e3
+        if mode == PLAIN and not verifying:
+            self.plain.observe(requests, 0, False, seconds)
+        elif verifying and verified_mode in self.made and warmed_up and self.plain.steps >= 2:
+            a, b, _ = self.plain.coefficients()
+            totals = self.made[verified_mode]
+            totals[0] = totals[0] * SPEEDUP_DECAY + made
+            totals[1] = totals[1] * SPEEDUP_DECAY + ms * requests / (a + b * requests)
+        if mode != PLAIN or not verifying:
+            self.ms[mode] = 0.8 * self.ms[mode] + 0.2 * ms
+        for other in self.ms_since:
+            self.ms_since[other] = 0.0 if other == mode else self.ms_since[other] + ms
+
+    def next_mode(self) -> str:
+        """The next step's mode: the one of best measured speedup (the current one unless another beats
+        it by SWITCH_AT), or a probe of another. A mode is probed when the class has run without it for
+        long enough that a probe's expected loss, |S_best - S_mode| / S_best of its time, stays under
+        PROBE_BUDGET; at once when it has never been measured."""
+        if self.probe is not None:
+            mode, left = self.probe
+            self.probe = (mode, left - 1) if left > 1 else None
+            return mode
+        speedups = {mode: self.speedup(mode) for mode in self.ms}
+        current = speedups[self.mode] or 0.0
+        best = max((m for m in speedups if speedups[m] is not None), key=lambda m: speedups[m])
+        if speedups[best] > current * SWITCH_AT:
+            self.mode = best
+        lead = speedups[self.mode]
+        for mode, speedup in speedups.items():
+            if mode == self.mode:
+                continue
+            spacing = 0.0 if speedup is None else np.clip(abs(lead - speedup) / lead / PROBE_BUDGET, *PROBE_SPACING)
+            if self.ms_since[mode] >= spacing * PROBE_STEPS * self.ms[mode]:
+                self.probe = (mode, PROBE_STEPS - 1)
+                return mode
+        return self.mode
+
+
+class AutoK:
+    """The scheduler's controller: acceptance and step times in, drafts per request out. With
+    `lookup` (hybrid drafting) a third mode competes: lookup drafts alone, no draft pass
+    (`lookup_only` after `plan`, for the workers)."""
+
+    def __init__(self, k_max: int, lookup: bool = False, clock=time.perf_counter):
         self.k_max = k_max
+        self.modes = (LOOKUP, DRAFTING) if lookup else (DRAFTING,)
         self.acceptance = Acceptance(k_max)
-        self.costs: dict[int, StepCost] = {}  # per batch-size class (1, 2-3, 4-7, ...): local fits
+        self.classes: dict[int, SizeClass] = {}
         self.clock = clock
-        self.last: tuple | None = None  # (time, request ids, decode only, verified tokens, draft tokens,
-        #                                  whether it verified drafts) of the last step
-        self.decisions = self.seen = self.since_probe = 0
-        # Warm-up widths: drafting and not, at two widths, so that every coefficient of the fit is seen.
-        self.warmup = (k_max, k_max, 0, 0, (k_max + 1) // 2, (k_max + 1) // 2)
-        self.choice: tuple[list[str], int, np.ndarray, np.ndarray, float] | None = None
+        self.last: tuple | None = None  # what `_time_step` needs of the last step: (time, request ids,
+        #                                 decode only, verified tokens, draft tokens, whether it verified
+        #                                 drafts, its mode, the mode of the drafts it verified, tokens
+        #                                 it was expected to make)
+        self.mode, self.expected = PLAIN, 0.0  # the last plan's mode, and tokens expected of its step
+        self.accepted = 0  # drafts accepted since the last plan
+        self.decisions = self.seen = 0
+        # Warm-up widths: plain first (the yardstick of the speedups), then drafting at two widths, so
+        # that every coefficient of the cost fit is seen.
+        self.warmup = (0, 0, 0, k_max, k_max, (k_max + 1) // 2, (k_max + 1) // 2, 0)
+        self.drafting_plan: tuple | None = None  # (requests, replan at, drafts, expected tokens)
+
+    @property
+    def lookup_only(self) -> bool:
+        """Whether the last plan's drafts are lookup drafts alone (rows without a match draft nothing)."""
+        return self.mode == LOOKUP
 
     def observe_drafts(self, req_id: str, num_drafts: int, num_accepted: int) -> None:
         self.acceptance.observe(req_id, num_drafts, num_accepted)
+        self.accepted += min(num_accepted, num_drafts)
 
     def plan(self, req_ids: list[str], verified_tokens: int, base_tokens: int) -> list[int]:
         """Drafts per request for the step after this one. `verified_tokens`: all tokens this step
@@ -196,48 +296,56 @@ class AutoK:
         now = self.clock()
         if self.last is not None:
             self._time_step(now - self.last[0], req_ids, *self.last[1:])
+        self.accepted = 0
         self.decisions += 1
-        self.since_probe += 1
-        if not req_ids:
+        n = len(req_ids)
+        size = self._class(n) if n else None
+        mode, expected = PLAIN, float(n)
+        if size is None:
             counts = np.zeros(0, dtype=np.int64)
-        elif (cost := self._cost(len(req_ids))).steps < WARMUP_STEPS:
-            counts = np.full(len(req_ids), self.warmup[cost.steps % len(self.warmup)])
+        elif size.cost.steps < len(self.warmup):
+            counts = np.full(n, self.warmup[size.cost.steps])
+            mode = DRAFTING if counts.any() else PLAIN
+            expected = self.acceptance.expected_tokens(req_ids)[:, counts[0]].sum()
         else:
-            if self.choice is None or self.choice[0] != req_ids or self.decisions >= self.choice[1]:
-                self.choice = (req_ids, self.decisions + REPLAN_EVERY, *self._choose(req_ids, base_tokens))
-            _, _, counts, other, interval = self.choice
-            if self.since_probe >= interval:
-                counts, self.since_probe = other, 0
-        self.last = (now, req_ids, base_tokens == len(req_ids), verified_tokens,
-                     int(counts.max(initial=0)) * int((counts > 0).sum()), verified_tokens > base_tokens)
+            mode = size.next_mode()
+            if mode == LOOKUP:
+                counts = np.full(n, self.k_max)  # rows with a lookup match take up to K; the rest none
+            elif mode == DRAFTING:
+                if (self.drafting_plan is None or self.drafting_plan[0] != req_ids
+                        or self.decisions >= self.drafting_plan[1]):
+                    tokens = self.acceptance.expected_tokens(req_ids)
+                    drafts, _ = best_drafting_plan(tokens, size.cost.coefficients(), base_tokens)
+                    self.drafting_plan = (req_ids, self.decisions + REPLAN_EVERY, drafts,
+                                          tokens[np.arange(n), drafts].sum())
+                _, _, counts, expected = self.drafting_plan
+            else:
+                counts = np.zeros(n, dtype=np.int64)
+        draft_pass_tokens = 0 if mode == LOOKUP else int(counts.max(initial=0)) * int((counts > 0).sum())
+        self.last = (now, req_ids, base_tokens == n, verified_tokens, draft_pass_tokens,
+                     verified_tokens > base_tokens, mode, self.mode, self.expected)
+        self.mode, self.expected = mode, expected
         return counts.tolist()
 
-    def _cost(self, num_requests: int) -> StepCost:
-        """The step-cost fit for batches of about this size. One line cannot fit step time from 1 to
-        1000 tokens (a forward of a few tokens costs nearly what one token costs; past some size,
-        cost grows with tokens), so each power-of-two class of batch size has its own."""
+    def _class(self, num_requests: int) -> SizeClass:
+        """The state for batches of about this size. One line cannot fit step time from 1 to 1000 tokens
+        (a forward of a few tokens costs nearly what one token costs; past some size, cost grows with
+        tokens), nor does drafting pay the same at every size, so each power-of-two class has its own."""
         size_class = num_requests.bit_length()
-        if size_class not in self.costs:
-            self.costs[size_class] = StepCost()
-        return self.costs[size_class]
+        if size_class not in self.classes:
+            self.classes[size_class] = SizeClass(self.modes)
+        return self.classes[size_class]
 
     def _time_step(self, seconds: float, next_req_ids: list[str], req_ids: list[str], decode_only: bool,
-                   verified: int, drafted: int, verifying: bool) -> None:
+                   verified: int, drafted: int, verifying: bool, mode: str, verified_mode: str,
+                   expected: float) -> None:
         """Time the last step, if it was a step of decodes alone (prefill tokens cost otherwise) and the
-        engine went on with some of its requests (otherwise it may have been idle before this one)."""
+        engine went on with some of its requests (otherwise it may have been idle before this one).
+        Its tokens: expected from the acceptance of adaptive drafts (nearly as true as the tokens made,
+        with far less noise), counted for lookup drafts (whose rows and lengths only the workers know)."""
         self.seen += 1
         if self.seen > SETTLE_STEPS and decode_only and not set(req_ids).isdisjoint(next_req_ids):
-            self._cost(len(req_ids)).observe(verified, drafted, verifying, seconds)
-
-    def _choose(self, req_ids: list[str], base_tokens: int) -> tuple[np.ndarray, np.ndarray, float]:
-        """(the better plan, the better plan of the other kind (drafting or not), steps between probes)."""
-        n = len(req_ids)
-        cost = self._cost(n).coefficients()
-        drafts, drafting_rate = best_drafting_plan(self.acceptance.expected_tokens(req_ids), cost, base_tokens)
-        plain_rate = n / step_ms(cost, base_tokens, np.zeros(n))
-        plain = np.zeros(n, dtype=np.int64)
-        best, other = (drafts, plain) if drafting_rate > DRAFT_MARGIN * plain_rate else (plain, drafts)
-        # A probe of the other plan loses (1 - its rate / the best rate) of a step's tokens if the fit is
-        # right: probe rarely enough that this stays under PROBE_BUDGET of the tokens.
-        loss = 1 - min(drafting_rate, plain_rate) / max(drafting_rate, plain_rate)
-        return best, other, float(np.clip(loss / PROBE_BUDGET, PROBE_MIN, PROBE_MAX))
+            size = self._class(len(req_ids))
+            made = expected if verified_mode == DRAFTING and LOOKUP not in self.modes else len(req_ids) + self.accepted
+            size.observe(len(req_ids), verified, drafted, verifying, mode, verified_mode, made, seconds,
+                         warmed_up=size.cost.steps >= len(self.warmup))

@@ -4,8 +4,8 @@ import itertools
 import numpy as np
 import pytest
 
-from vllm_sdsat.engine.auto_k import (PROBE_BUDGET, Acceptance, AutoK, StepCost, best_drafting_plan,
-                                      step_ms)
+from vllm_sdsat.engine.auto_k import (DRAFTING, PLAIN, PROBE_BUDGET, Acceptance, AutoK, SizeClass, StepCost,
+                                      best_drafting_plan, step_ms)
 
 K = 4
 
@@ -111,6 +111,16 @@ def test_step_cost_fit_holds_where_features_never_vary():
     assert a + b == pytest.approx(2.2, rel=0.1)
 
 
+def test_a_class_without_timed_plain_steps_times_some_before_drafting():
+    """Drafting's speedup is measured against plain steps: a class that has timed none (its warm-up
+    steps were all prefills or gaps) runs plain until it has, instead of probing drafting for ever."""
+    size = SizeClass((DRAFTING,))
+    assert [size.next_mode() for _ in range(5)] == [PLAIN] * 5
+    for _ in range(2):
+        size.observe(8, 8, 0, False, PLAIN, PLAIN, 8, 0.004, warmed_up=True)
+    assert size.next_mode() == DRAFTING  # never measured: probed at once
+
+
 class Machine:
     """A fake engine: step time from given coefficients [a, b, d] (ms, per token, per draft pass) or a
     function of (verified, drafted, verifying), every draft of every request accepted with probability
@@ -162,7 +172,7 @@ def test_auto_k_never_drafts_where_drafting_costs_more_than_it_gives():
     steady = machine.run(500)
     assert sum(any(p) for p in steady) <= 0.05 * len(steady)  # probes only
     plain_rate = 4 / (1.0 + 2.0 * 4)  # tokens per ms without drafts
-    assert machine.rate(500) >= (1 - 2 * PROBE_BUDGET) * plain_rate
+    assert machine.rate(3000) >= (1 - 2 * PROBE_BUDGET) * plain_rate  # 27 s: probes come every ~8 s
 
 
 def test_auto_k_drafts_all_k_where_drafts_are_cheap_and_accepted():
@@ -186,7 +196,7 @@ def test_auto_k_drafts_by_measured_speedup_where_fixed_costs_do_not_add_up():
     machine = Machine(cost=lambda verified, drafted, verifying: 2.0 + 3.0 * (drafted > 0 or verifying),
                       accept=0.8, n=1)
     machine.run(300)
-    assert machine.rate(1000) >= 1.25 * 1 / 2.0  # tokens per ms of plain decoding: 1 per 2 ms
+    assert machine.rate(1000) >= 1.2 * 1 / 2.0  # tokens per ms of plain decoding: 1 per 2 ms; probes cost some
 
 
 def test_hybrid_auto_k_takes_lookup_drafts_alone_where_they_pay_and_adaptive_ones_do_not():

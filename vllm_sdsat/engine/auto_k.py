@@ -4,7 +4,7 @@ Two questions, answered each step for the requests the scheduler just scheduled,
 batch (1, 2-3, 4-7, ...):
 
 1. *Draft at all?* By measurement. A drafting mode's speedup S is the tokens made in steps that
-   verify its drafts, over the tokens plain decoding makes in the same time (a plain step of n
+   verify or make its drafts, over the tokens plain decoding makes in the same time (a plain step of n
    requests costs what the class's recent plain steps cost, fitted as a + b * n). The class runs the
    mode of highest S, plain decoding's being 1. Every other mode is now and then probed for a few
    steps, spaced so that a probe's expected loss stays under 1% of the class's time. The modes are
@@ -217,15 +217,18 @@ class SizeClass:
     def observe(self, requests: int, verified: int, drafted: int, verifying: bool, mode: str,
                 verified_mode: str | None, made: float, seconds: float, warmed_up: bool) -> None:
         """One timed step of `mode`, which verified drafts of `verified_mode` and made `made` tokens in
-        `seconds`. Steps of the warm-up, whose widths are not the model's, train the fits but not the
-        speedups; nor does a first step of drafting (nothing verified yet, a one-time cost)."""
+        `seconds` (see `AutoK._time_step`). It counts towards the speedup of the mode whose drafts it verified, or, verifying
+        none, of its own: the first step of a run of drafting makes no more tokens than a plain step
+        and pays a draft pass, the cost of switching, which a mode that is switched to often must
+        carry. Steps of the warm-up, whose widths are not the model's, train the fits but not the
+        speedups."""
         self.cost.observe(verified, drafted, verifying, seconds)
         ms = seconds * 1e3
         if mode == PLAIN and not verifying:
             self.plain.observe(requests, 0, False, seconds)
-        elif verifying and verified_mode in self.made and warmed_up and self.plain.steps >= 2:
+        elif warmed_up and self.plain.steps >= 2:
             a, b, _ = self.plain.coefficients()
-            totals = self.made[verified_mode]
+            totals = self.made[verified_mode if verifying else mode]
             totals[0] = totals[0] * SPEEDUP_DECAY + made
             totals[1] = totals[1] * SPEEDUP_DECAY + ms * requests / (a + b * requests)
         if mode != PLAIN or not verifying:
@@ -242,6 +245,9 @@ class SizeClass:
             mode, left = self.probe
             self.probe = (mode, left - 1) if left > 1 else None
             return mode
+        if self.plain.steps < 2:  # no yardstick yet: time plain steps first
+            self.mode = PLAIN
+            return PLAIN
         speedups = {mode: self.speedup(mode) for mode in self.ms}
         current = speedups[self.mode] or 0.0
         best = max((m for m in speedups if speedups[m] is not None), key=lambda m: speedups[m])
@@ -252,7 +258,7 @@ class SizeClass:
             if mode == self.mode:
                 continue
             spacing = 0.0 if speedup is None else np.clip(abs(lead - speedup) / lead / PROBE_BUDGET, *PROBE_SPACING)
-            if self.ms_since[mode] >= spacing * PROBE_STEPS * self.ms[mode]:
+            if self.ms_since[mode] >= spacing * (PROBE_STEPS + 1) * self.ms[mode]:  # + 1: switching back
                 self.probe = (mode, PROBE_STEPS - 1)
                 return mode
         return self.mode
@@ -341,11 +347,13 @@ class AutoK:
                    expected: float) -> None:
         """Time the last step, if it was a step of decodes alone (prefill tokens cost otherwise) and the
         engine went on with some of its requests (otherwise it may have been idle before this one).
-        Its tokens: expected from the acceptance of adaptive drafts (nearly as true as the tokens made,
-        with far less noise), counted for lookup drafts (whose rows and lengths only the workers know)."""
+        Its tokens: those it made, or below 4 requests, where one request's luck is most of the count,
+        those expected from the measured acceptance of the adaptive drafts it verified (lookup drafts,
+        whose rows and lengths only the workers know, are always counted)."""
         self.seen += 1
         if self.seen > SETTLE_STEPS and decode_only and not set(req_ids).isdisjoint(next_req_ids):
             size = self._class(len(req_ids))
-            made = expected if verified_mode == DRAFTING and LOOKUP not in self.modes else len(req_ids) + self.accepted
+            n = len(req_ids)
+            made = expected if verified_mode == DRAFTING and LOOKUP not in self.modes and n < 4 else n + self.accepted
             size.observe(len(req_ids), verified, drafted, verifying, mode, verified_mode, made, seconds,
                          warmed_up=size.cost.steps >= len(self.warmup))

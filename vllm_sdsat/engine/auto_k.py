@@ -200,8 +200,8 @@ class SizeClass:
     def __init__(self, modes: tuple[str, ...]):
         self.cost = StepCost()   # every timed step: prices widths
         self.plain = StepCost()  # plain steps only: a + b * requests
-        # Per drafting mode, decayed over steps that verify its drafts: [tokens made, what plain
-        # decoding would have made in their time].
+        # Per drafting mode, decayed over steps that verify or make its drafts: [tokens made, what
+        # plain decoding would have made in their time].
         self.made = {mode: [0.0, 0.0] for mode in modes}
         self.ms = {mode: 1.0 for mode in (PLAIN, *modes)}  # recent ms per step in each mode
         self.ms_since = dict.fromkeys(self.ms, 0.0)        # class time since each mode last ran
@@ -217,16 +217,16 @@ class SizeClass:
     def observe(self, requests: int, verified: int, drafted: int, verifying: bool, mode: str,
                 verified_mode: str | None, made: float, seconds: float, warmed_up: bool) -> None:
         """One timed step of `mode`, which verified drafts of `verified_mode` and made `made` tokens in
-        `seconds` (see `AutoK._time_step`). It counts towards the speedup of the mode whose drafts it verified, or, verifying
-        none, of its own: the first step of a run of drafting makes no more tokens than a plain step
-        and pays a draft pass, the cost of switching, which a mode that is switched to often must
-        carry. Steps of the warm-up, whose widths are not the model's, train the fits but not the
+        `seconds` (see `AutoK._time_step`). It counts towards the speedup of the mode whose drafts it
+        verified, or, verifying none, of its own: the first step of a run of drafting makes no more
+        tokens than a plain step and pays a draft pass, the cost of switching, which a mode that is
+        switched to often must carry. Steps of the warm-up, whose widths are not the model's, train the fits but not the
         speedups."""
         self.cost.observe(verified, drafted, verifying, seconds)
         ms = seconds * 1e3
         if mode == PLAIN and not verifying:
             self.plain.observe(requests, 0, False, seconds)
-        elif warmed_up and self.plain.steps >= 2:
+        elif warmed_up and self.plain.steps >= 2 and (verified_mode if verifying else mode) in self.made:
             a, b, _ = self.plain.coefficients()
             totals = self.made[verified_mode if verifying else mode]
             totals[0] = totals[0] * SPEEDUP_DECAY + made

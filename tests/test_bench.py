@@ -101,6 +101,8 @@ def test_prompts_file(tmp_path):
     assert "prompts.json" in runner.run_meta(opts, [], 2)["workload"]
     opts = cli.resolve_options(parse("--prompts-file", str(path)))  # the default 164 is cut to the file's 3
     assert opts.prompts == 3
+    with pytest.raises(ValueError, match="--accuracy-problems"):  # still HumanEval's, and still checked
+        cli.resolve_options(parse("--prompts-file", str(path), "--accuracy-problems", "0"))
 
 
 @pytest.mark.parametrize("content, message", [

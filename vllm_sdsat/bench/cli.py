@@ -97,7 +97,7 @@ def resolve_options(args: argparse.Namespace) -> argparse.Namespace:
     if opts.prompts_file:
         opts.prompt_texts = load_prompts_file(opts.prompts_file)
         opts.prompts = min(opts.prompts, len(opts.prompt_texts))
-    elif opts.prompts > 164 or not 1 <= opts.accuracy_problems <= 164:
+    if (opts.prompts > 164 and not opts.prompts_file) or not 1 <= opts.accuracy_problems <= 164:
         raise ValueError(f"HumanEval has 164 prompts; --prompts {opts.prompts} / --accuracy-problems "
                          f"{opts.accuracy_problems} must be in 1..164")
     if not 0 < opts.top_p <= 1:

@@ -74,7 +74,7 @@ class CellRun:
         self.params = SamplingParams(max_tokens=opts.max_tokens, **self.sampling)
         self.requests = [prompts[i % len(prompts)] for i in range(max(len(prompts), batch))]
         llm.generate(self.requests[:batch], SamplingParams(max_tokens=8, **self.sampling), use_tqdm=False)
-        self.before, self.reps, self.identical = acceptance(llm), [], None
+        self.before, self.reps, self.identical = acceptance(llm) if self.counters else None, [], None
         if spec.method == "hybrid":
             llm.collective_rpc(take_draft_stats)  # count this cell's drafts by kind only
 

@@ -226,9 +226,9 @@ class SizeClass:
         ms = seconds * 1e3
         if mode == PLAIN and not verifying:
             self.plain.observe(requests, 0, False, seconds)
-        elif warmed_up and self.plain.steps >= 2 and (verified_mode if verifying else mode) in self.made:
+        elif warmed_up and self.plain.steps >= 2 and (counted := verified_mode if verifying else mode) in self.made:
             a, b, _ = self.plain.coefficients()
-            totals = self.made[verified_mode if verifying else mode]
+            totals = self.made[counted]
             totals[0] = totals[0] * SPEEDUP_DECAY + made
             totals[1] = totals[1] * SPEEDUP_DECAY + ms * requests / (a + b * requests)
         if mode != PLAIN or not verifying:
@@ -352,8 +352,8 @@ class AutoK:
         whose rows and lengths only the workers know, are always counted)."""
         self.seen += 1
         if self.seen > SETTLE_STEPS and decode_only and not set(req_ids).isdisjoint(next_req_ids):
-            size = self._class(len(req_ids))
             n = len(req_ids)
+            size = self._class(n)
             made = expected if verified_mode == DRAFTING and LOOKUP not in self.modes and n < 4 else n + self.accepted
             size.observe(len(req_ids), verified, drafted, verifying, mode, verified_mode, made, seconds,
                          warmed_up=size.cost.steps >= len(self.warmup))

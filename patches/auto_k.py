@@ -7,7 +7,8 @@ Written against vLLM 0.32 (`Scheduler.schedule` and `Scheduler.make_spec_decodin
 With K "auto" (SDSAT's default) the speculative config carries a batch-size schedule of K at every
 size (`patches/speculative_config.py`), which puts vLLM's scheduler in its dynamic-K mode: no
 padding of decodes to a uniform K, and a `num_spec_tokens_to_schedule` per step that the workers
-draft. After each `schedule`, `AutoK` picks each scheduled request's drafts for the next step:
+draft. After each `schedule`, `AutoK` picks each scheduled request's drafts for the next step (told which
+requests sample, from their sampling params):
 - the scheduler output carries them to the workers as `sdsat_num_drafts` (request id -> k), and
   `num_spec_tokens_to_schedule` becomes their maximum, the width of the draft pass; in hybrid engines
   `sdsat_lookup_only` says the step takes lookup drafts alone (no draft pass);
@@ -19,6 +20,7 @@ The scheduler keeps each step's width as `_sdsat_width` (for every sdsat engine)
 `patches/plain_steps.py` reads. vLLM turns dynamic K off for data parallelism, and so does
 this hook (it runs only where the scheduler has a dynamic-K lookup).
 """
+from vllm.sampling_params import SamplingType
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
@@ -42,6 +44,11 @@ def _controller(scheduler: Scheduler) -> AutoK | None:
     return scheduler._sdsat_auto_k
 
 
+def _samples(request) -> bool:
+    params = request.sampling_params
+    return params is not None and params.sampling_type != SamplingType.GREEDY
+
+
 def schedule(self: Scheduler, *args, **kwargs):
     output = _original_schedule(self, *args, **kwargs)
     auto = _controller(self)
@@ -52,7 +59,8 @@ def schedule(self: Scheduler, *args, **kwargs):
     req_ids = [r for r in output.num_scheduled_tokens if not self.requests[r].is_prefill_chunk]
     num_spec = sum(len(t) for t in output.scheduled_spec_decode_tokens.values())
     counts = dict(zip(req_ids, auto.plan(req_ids, output.total_num_scheduled_tokens,
-                                         output.total_num_scheduled_tokens - num_spec)))
+                                         output.total_num_scheduled_tokens - num_spec,
+                                         [_samples(self.requests[r]) for r in req_ids])))
     setattr(output, NUM_DRAFTS, counts)
     setattr(output, LOOKUP_ONLY, auto.lookup_only)
     output.num_spec_tokens_to_schedule = self._sdsat_width = max(counts.values(), default=0)
@@ -68,7 +76,8 @@ def make_spec_decoding_stats(self: Scheduler, spec_decoding_stats, num_draft_tok
                              num_invalid_spec_tokens, request_id: str):
     auto = _controller(self)
     if auto is not None and num_draft_tokens:
-        auto.observe_drafts(request_id, num_draft_tokens, num_accepted_tokens)
+        request = self.requests.get(request_id)
+        auto.observe_drafts(request_id, num_draft_tokens, num_accepted_tokens, request is not None and _samples(request))
     return _original_stats(self, spec_decoding_stats, num_draft_tokens, num_accepted_tokens,
                            num_invalid_spec_tokens, request_id)
 

@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 import pytest
 
-from vllm_sdsat.engine.auto_k import (DRAFTING, PLAIN, PROBE_BUDGET, Acceptance, AutoK, SizeClass, StepCost,
+from vllm_sdsat.engine.auto_k import (DRAFTING, PLAIN, PROBE_BUDGET, PROBE_STEPS, Acceptance, AutoK, SizeClass, StepCost,
                                       best_drafting_plan, step_ms)
 
 K = 4
@@ -126,8 +126,9 @@ class Machine:
     function of (verified, drafted, verifying), every draft of every request accepted with probability
     `accept`, the clock advanced by each step's cost."""
 
-    def __init__(self, cost, accept, n=4, seed=0, lookup_accept=None):
+    def __init__(self, cost, accept, n=4, seed=0, lookup_accept=None, sampled=False):
         self.cost, self.accept, self.n, self.lookup_accept = cost, accept, n, lookup_accept
+        self.sampled = sampled  # whether the requests sample (a batch of one kind)
         self.rng = np.random.default_rng(seed)
         self.now = 0.0
         self.tokens = 0
@@ -145,7 +146,7 @@ class Machine:
         accept = self.accept
         for _ in range(steps):  # as in vLLM: schedule (and plan), run the step, then report its acceptance
             verified = self.n + sum(drafts)  # this step verifies the last plan's drafts
-            plan = self.auto.plan(req_ids, verified, self.n)
+            plan = self.auto.plan(req_ids, verified, self.n, sampled=[self.sampled] * self.n)
             plans.append(plan)
             draft_pass = 0 if self.auto.lookup_only else max(plan) * sum(k > 0 for k in plan)
             self.now += self.step_ms(verified, draft_pass, any(drafts)) / 1e3
@@ -154,7 +155,7 @@ class Machine:
                 if k:
                     trials = self.rng.random(k) < accept  # accepted up to the first rejection
                     accepted = k if trials.all() else int(np.argmin(trials))
-                    self.auto.observe_drafts(r, k, accepted)
+                    self.auto.observe_drafts(r, k, accepted, self.sampled)
                     self.tokens += accepted
             drafts, accept = plan, self.lookup_accept if self.auto.lookup_only else self.accept
         return plans
@@ -164,6 +165,27 @@ class Machine:
         start_time, start_tokens = self.now, self.tokens
         self.run(steps)
         return (self.tokens - start_tokens) / (self.now - start_time) / 1e3
+
+
+def test_greedy_and_sampling_batches_learn_apart():
+    """Greedy batches gain from drafting (acceptance 0.9), sampling ones lose (0.2, and a sampled token
+    costs 6x to verify). After a long greedy phase, sampling batches of the same size neither inherit
+    its speedup nor its warm-up widths: they draft at most 2 while warming up, then only in probes; and
+    back to greedy, drafting resumes at once, with no second warm-up."""
+    greedy_cost, sampled_cost = [2.0, 0.05, 0.5], [2.0, 0.3, 0.5]
+    machine = Machine(cost=greedy_cost, accept=0.9)
+    machine.run(600)
+    assert sum(any(p) for p in machine.run(200)) >= 0.9 * 200
+    machine.cost, machine.accept, machine.sampled = sampled_cost, 0.2, True
+    sampled_plans = machine.run(400)
+    assert max(max(p) for p in sampled_plans[:8]) <= 2  # narrow warm-up widths
+    assert sum(any(p) for p in sampled_plans[8:]) <= 0.05 * len(sampled_plans)
+    fresh = Acceptance(K)  # a new sampling request takes the sampling requests' rates, not the greedy ones'
+    fresh.total = machine.auto.acceptance.total
+    new_sampled, new_greedy = fresh.expected_tokens(["new", "new"], sampled=[True, False])
+    assert new_sampled[2] < 1.5 < new_greedy[2]
+    machine.cost, machine.accept, machine.sampled = greedy_cost, 0.9, False
+    assert sum(any(p) for p in machine.run(20)) >= 20 - PROBE_STEPS - 1  # a probe of plain steps at most
 
 
 def test_auto_k_never_drafts_where_drafting_costs_more_than_it_gives():
@@ -206,7 +228,7 @@ def test_hybrid_auto_k_takes_lookup_drafts_alone_where_they_pay_and_adaptive_one
     machine.run(300)
     plain_rate = 4 / (1.0 + 0.2 * 4)
     assert machine.rate(1000) >= 1.35 * plain_rate
-    assert machine.auto.classes[3].mode == "lookup"
+    assert machine.auto.classes[3, False].mode == "lookup"
 
 
 def test_auto_k_fits_each_batch_size_on_its_own():

@@ -17,7 +17,7 @@ vllm = pytest.importorskip("vllm")
 from vllm import SamplingParams  # noqa: E402
 from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p  # noqa: E402
 
-from vllm_sdsat.engine.draft_sampling import CHUNK_ELEMENTS, sample_drafts  # noqa: E402
+from vllm_sdsat.engine.draft_sampling import CHUNK_ELEMENTS, NUCLEUS_CANDIDATES, sample_drafts  # noqa: E402
 from vllm_sdsat.patches.profile_run import dummy_sampling  # noqa: E402
 
 
@@ -98,6 +98,26 @@ def test_draws_follow_q():
     assert support.sum() == 12 and support[tokens].all()
     observed = torch.bincount(tokens, minlength=VOCAB)[support].double()
     assert chisquare(observed, q[0][support].double() * rows).pvalue > 1e-3
+
+
+def test_nucleus_within_the_candidates_is_vllms_and_a_wider_one_keeps_the_whole_distribution():
+    """At a vocabulary wider than the candidates searched: peaked rows get exactly vLLM's top-k/top-p q;
+    flat rows, whose nucleus reaches past the candidates, keep their whole (top-k) distribution, a
+    superset of vLLM's support (lossless, since drafts are drawn from this q)."""
+    torch.manual_seed(2)
+    vocab, k = 4 * NUCLEUS_CANDIDATES, 2
+    peaked = torch.randn(6, vocab) * 8
+    flat = torch.randn(4, vocab) * 0.1
+    logits = torch.cat([peaked, flat])
+    top_k = torch.tensor([vocab, 3, vocab, vocab, vocab])
+    meta = sampling([1.0, 0.7, 0.5, 1.0, 1.0], top_k, torch.tensor([0.9, 0.5, 0.95, 0.9, 0.99]))
+    tokens, q = sample_drafts(logits, meta, k)
+    _, _, vllm_q = previous_sample(logits, meta, k)
+    assert ((vllm_q[:6] > 0).sum(-1) < NUCLEUS_CANDIDATES).all()  # the peaked rows' nuclei are narrow
+    torch.testing.assert_close(q[:6], vllm_q[:6], rtol=1e-5, atol=1e-6)
+    assert ((vllm_q[6:] > 0).sum(-1) > NUCLEUS_CANDIDATES).all()  # the flat rows' are not
+    torch.testing.assert_close(q[6:], (flat / 1.0).softmax(-1), rtol=1e-5, atol=1e-6)
+    assert (q[torch.arange(len(q)), tokens] > 0).all()
 
 
 @pytest.mark.parametrize("rows", [512, 2048])

@@ -1,7 +1,10 @@
 """Automatic K: how many drafts each request gets next step, chosen for the most tokens per second.
 
-Two questions, answered each step for the requests the scheduler just scheduled, per size class of
-batch (1, 2-3, 4-7, ...):
+Two questions, answered each step for the requests the scheduler just scheduled, per class of batch:
+its size (1, 2-3, 4-7, ...) and whether any of its requests samples. Sampling changes both sides of
+the trade: adaptive drafts are accepted far less often (T = 1.0 against greedy), and a sampled step that
+verifies K drafts per request pays top-k/top-p and rejection sampling on K + 1 rows each. What a class
+learnt of greedy batches says little about sampled ones, so each regime learns its own.
 
 1. *Draft at all?* By measurement. A drafting mode's speedup S is the tokens made in steps that
    verify or make its drafts, over the tokens plain decoding makes in the same time (a plain step of n
@@ -17,8 +20,8 @@ batch (1, 2-3, 4-7, ...):
        choose k_r in 0..K per request         maximising sum_r E_r(k_r) / T, some k_r > 0
 
    p_r(i) is request r's acceptance rate at draft position i, given the drafts before it were accepted,
-   smoothed towards the rate of all requests at i (a new request takes theirs), so a T = 1.0 request
-   and a greedy one in the same batch get different k. T is a least-squares fit over recent steps,
+   smoothed towards the rate of all requests of its kind (greedy or sampling) at i (a new request takes
+   theirs), so a T = 1.0 request and a greedy one in the same batch get different k. T is a least-squares fit over recent steps,
    timed by the scheduler's own clock. The draft pass is as wide as the largest k_r, and requests with
    k_r = 0 skip it.
 
@@ -41,7 +44,7 @@ PROBE_STEPS = 3       # steps per probe; a probe of drafting also times the step
 PROBE_SPACING = (8, 400)  # bounds on the time between probes, in probe lengths
 SWITCH_AT = 1.02      # another mode must beat the current one by this factor: a little hysteresis
 SPEEDUP_DECAY = 0.95  # per step that drafts or verifies: how fast the measured speedup forgets
-WARMUP_STEPS = 8      # steps timed per batch-size class before its cost fit is trusted (widths K, 0, K/2)
+WARMUP_STEPS = 8      # steps timed per batch class before its cost fit is trusted (plain, then two widths)
 REPLAN_EVERY = 4      # steps a drafting plan is kept while the batch stays the same
 SETTLE_STEPS = 4      # the engine's first steps, never timed: they include one-time set-up
 PRIOR_WEIGHT = 2.0    # how many observations of all requests' acceptance a request's own estimate starts with
@@ -50,17 +53,18 @@ GLOBAL_DECAY = 0.995
 
 
 class Acceptance:
-    """Per-position acceptance counts, per request and over all requests, with exponential forgetting.
+    """Per-position acceptance counts, per request and over all requests of each kind (greedy, sampling),
+    with exponential forgetting.
 
     Observations arrive one request at a time from the scheduler; they are queued and folded in with a
     few array operations per step, so the cost per step hardly grows with the batch."""
 
     def __init__(self, k_max: int):
         self.k_max = k_max
-        self.total = np.zeros((2, k_max))  # [reached, accepted] per position, all requests
+        self.total = np.zeros((2, 2, k_max))  # [greedy, sampling] x [reached, accepted] per position
         self.rows: dict[str, int] = {}  # request -> its row of `counts`; row 0 stays zero (no history)
         self.counts = np.zeros((64, 2, k_max))
-        self.pending: list[tuple[str, int, int]] = []
+        self.pending: list[tuple[str, int, int, bool]] = []
         self.pending_ids: set[str] = set()
         positions = np.arange(1, k_max + 1)
         drafts, accepted = np.meshgrid(np.arange(k_max + 1), np.arange(k_max + 1), indexing="ij")
@@ -68,11 +72,11 @@ class Acceptance:
         self.table = np.stack([positions <= np.minimum(accepted + 1, drafts)[..., None],
                                positions <= np.minimum(accepted, drafts)[..., None]], axis=2).astype(float)
 
-    def observe(self, req_id: str, num_drafts: int, num_accepted: int) -> None:
+    def observe(self, req_id: str, num_drafts: int, num_accepted: int, sampled: bool = False) -> None:
         if req_id in self.pending_ids:
             self._flush()  # a second observation of a request folds in after its first
         self.pending_ids.add(req_id)
-        self.pending.append((req_id, min(num_drafts, self.k_max), min(num_accepted, num_drafts, self.k_max)))
+        self.pending.append((req_id, min(num_drafts, self.k_max), min(num_accepted, num_drafts, self.k_max), sampled))
 
     def own(self, req_id: str) -> np.ndarray:
         """[reached, accepted] per position of one request's drafts (decayed counts)."""
@@ -82,12 +86,14 @@ class Acceptance:
     def _flush(self) -> None:
         if not self.pending:
             return
-        req_ids, drafts, accepted = zip(*self.pending)
+        req_ids, drafts, accepted, sampled = zip(*self.pending)
         self.pending, self.pending_ids = [], set()
         rows = np.array([self.rows.get(r) or self._new_row(r) for r in req_ids])
         steps = self.table[list(drafts), list(accepted)]  # [m, 2, K]
         self.counts[rows] = self.counts[rows] * REQUEST_DECAY + steps  # a request observes once per step
-        self.total = self.total * GLOBAL_DECAY ** len(rows) + steps.sum(0)
+        for kind in (False, True):
+            mine = np.array(sampled) == kind
+            self.total[int(kind)] = self.total[int(kind)] * GLOBAL_DECAY ** mine.sum() + steps[mine].sum(0)
 
     def _new_row(self, req_id: str) -> int:
         row = len(self.rows) + 1
@@ -103,11 +109,12 @@ class Acceptance:
                                       np.zeros((len(self.counts) - 1 - len(kept), 2, self.k_max))])
         self.rows = {r: n for n, (r, _) in enumerate(kept, start=1)}
 
-    def expected_tokens(self, req_ids: list[str]) -> np.ndarray:
-        """E_r(k) for k = 0..K: [num requests, K + 1]."""
+    def expected_tokens(self, req_ids: list[str], sampled: list[bool] | None = None) -> np.ndarray:
+        """E_r(k) for k = 0..K: [num requests, K + 1]. `sampled`: which requests sample (default none)."""
         self._flush()
-        reached, accepted = self.total
-        prior = np.where(reached > 0, accepted / np.maximum(reached, 1e-9), 0.5)
+        reached, accepted = self.total[:, 0], self.total[:, 1]
+        prior = np.where(reached > 0, accepted / np.maximum(reached, 1e-9), 0.5)  # [kind, K]
+        prior = prior[np.zeros(len(req_ids), dtype=int) if sampled is None else np.array(sampled, dtype=int)]
         own = self.counts[[self.rows.get(r, 0) for r in req_ids]]  # [n, 2, K]
         rate = (own[:, 1] + PRIOR_WEIGHT * prior) / (own[:, 0] + PRIOR_WEIGHT)
         return np.concatenate([np.ones((len(req_ids), 1)), 1 + np.cumsum(np.cumprod(rate, axis=1), axis=1)], axis=1)
@@ -194,8 +201,9 @@ PLAIN, LOOKUP, DRAFTING = "plain", "lookup", "drafting"  # modes of a step (LOOK
 
 
 class SizeClass:
-    """What automatic K knows of batches of one size class (a power of two of requests): the step-cost
-    fit that prices drafts, what a plain step costs, and each drafting mode's measured speedup over it."""
+    """What automatic K knows of batches of one class (a power of two of requests, greedy or sampling):
+    the step-cost fit that prices drafts, what a plain step costs, and each drafting mode's measured
+    speedup over it."""
 
     def __init__(self, modes: tuple[str, ...]):
         self.cost = StepCost()   # every timed step: prices widths
@@ -273,18 +281,21 @@ class AutoK:
         self.k_max = k_max
         self.modes = (LOOKUP, DRAFTING) if lookup else (DRAFTING,)
         self.acceptance = Acceptance(k_max)
-        self.classes: dict[int, SizeClass] = {}
+        self.classes: dict[tuple[int, bool], SizeClass] = {}
         self.clock = clock
         self.last: tuple | None = None  # what `_time_step` needs of the last step: (time, request ids,
-        #                                 decode only, verified tokens, draft tokens, whether it verified
-        #                                 drafts, its mode, the mode of the drafts it verified, tokens
-        #                                 it was expected to make)
+        #                                 whether any sampled, decode only, verified tokens, draft
+        #                                 tokens, whether it verified drafts, its mode, the mode of the
+        #                                 drafts it verified, tokens it was expected to make)
         self.mode, self.expected = PLAIN, 0.0  # the last plan's mode, and tokens expected of its step
         self.accepted = 0  # drafts accepted since the last plan
         self.decisions = self.seen = 0
         # Warm-up widths: plain first (the yardstick of the speedups), then drafting at two widths, so
-        # that every coefficient of the cost fit is seen.
-        self.warmup = (0, 0, 0, k_max, k_max, (k_max + 1) // 2, (k_max + 1) // 2, 0)
+        # that every coefficient of the cost fit is seen. Narrow when sampling, where a wide drafting
+        # step costs many plain ones and is seldom worth it.
+        wide = (k_max, (k_max + 1) // 2)
+        self.warmup = {sampled: (0, 0, 0, w, w, narrow, narrow, 0)
+                       for sampled, (w, narrow) in ((False, wide), (True, (min(k_max, 2), 1)))}
         self.drafting_plan: tuple | None = None  # (requests, replan at, drafts, expected tokens)
 
     @property
@@ -292,27 +303,31 @@ class AutoK:
         """Whether the last plan's drafts are lookup drafts alone (rows without a match draft nothing)."""
         return self.mode == LOOKUP
 
-    def observe_drafts(self, req_id: str, num_drafts: int, num_accepted: int) -> None:
-        self.acceptance.observe(req_id, num_drafts, num_accepted)
+    def observe_drafts(self, req_id: str, num_drafts: int, num_accepted: int, sampled: bool = False) -> None:
+        self.acceptance.observe(req_id, num_drafts, num_accepted, sampled)
         self.accepted += min(num_accepted, num_drafts)
 
-    def plan(self, req_ids: list[str], verified_tokens: int, base_tokens: int) -> list[int]:
+    def plan(self, req_ids: list[str], verified_tokens: int, base_tokens: int,
+             sampled: list[bool] | None = None) -> list[int]:
         """Drafts per request for the step after this one. `verified_tokens`: all tokens this step
-        computes; `base_tokens`: those that are not drafts (what the next step costs besides drafts)."""
+        computes; `base_tokens`: those that are not drafts (what the next step costs besides drafts);
+        `sampled`: which requests sample rather than decode greedily (default: none)."""
         now = self.clock()
         if self.last is not None:
             self._time_step(now - self.last[0], req_ids, *self.last[1:])
         self.accepted = 0
         self.decisions += 1
         n = len(req_ids)
-        size = self._class(n) if n else None
+        any_sampled = bool(sampled) and any(sampled)
+        size = self._class(n, any_sampled) if n else None
         mode, expected = PLAIN, float(n)
+        warmup = self.warmup[any_sampled]
         if size is None:
             counts = np.zeros(0, dtype=np.int64)
-        elif size.cost.steps < len(self.warmup):
-            counts = np.full(n, self.warmup[size.cost.steps])
+        elif size.cost.steps < len(warmup):
+            counts = np.full(n, warmup[size.cost.steps])
             mode = DRAFTING if counts.any() else PLAIN
-            expected = self.acceptance.expected_tokens(req_ids)[:, counts[0]].sum()
+            expected = self.acceptance.expected_tokens(req_ids, sampled)[:, counts[0]].sum()
         else:
             mode = size.next_mode()
             if mode == LOOKUP:
@@ -320,7 +335,7 @@ class AutoK:
             elif mode == DRAFTING:
                 if (self.drafting_plan is None or self.drafting_plan[0] != req_ids
                         or self.decisions >= self.drafting_plan[1]):
-                    tokens = self.acceptance.expected_tokens(req_ids)
+                    tokens = self.acceptance.expected_tokens(req_ids, sampled)
                     drafts, _ = best_drafting_plan(tokens, size.cost.coefficients(), base_tokens)
                     self.drafting_plan = (req_ids, self.decisions + REPLAN_EVERY, drafts,
                                           tokens[np.arange(n), drafts].sum())
@@ -328,21 +343,22 @@ class AutoK:
             else:
                 counts = np.zeros(n, dtype=np.int64)
         draft_pass_tokens = 0 if mode == LOOKUP else int(counts.max(initial=0)) * int((counts > 0).sum())
-        self.last = (now, req_ids, base_tokens == n, verified_tokens, draft_pass_tokens,
+        self.last = (now, req_ids, any_sampled, base_tokens == n, verified_tokens, draft_pass_tokens,
                      verified_tokens > base_tokens, mode, self.mode, self.expected)
         self.mode, self.expected = mode, expected
         return counts.tolist()
 
-    def _class(self, num_requests: int) -> SizeClass:
-        """The state for batches of about this size. One line cannot fit step time from 1 to 1000 tokens
-        (a forward of a few tokens costs nearly what one token costs; past some size, cost grows with
-        tokens), nor does drafting pay the same at every size, so each power-of-two class has its own."""
-        size_class = num_requests.bit_length()
-        if size_class not in self.classes:
-            self.classes[size_class] = SizeClass(self.modes)
-        return self.classes[size_class]
+    def _class(self, num_requests: int, sampled: bool) -> SizeClass:
+        """The state for batches of about this size, greedy or sampling. One line cannot fit step time
+        from 1 to 1000 tokens (a forward of a few tokens costs nearly what one token costs; past some
+        size, cost grows with tokens), nor does drafting pay the same at every size, so each
+        power-of-two class has its own."""
+        key = (num_requests.bit_length(), sampled)
+        if key not in self.classes:
+            self.classes[key] = SizeClass(self.modes)
+        return self.classes[key]
 
-    def _time_step(self, seconds: float, next_req_ids: list[str], req_ids: list[str], decode_only: bool,
+    def _time_step(self, seconds: float, next_req_ids: list[str], req_ids: list[str], sampled: bool, decode_only: bool,
                    verified: int, drafted: int, verifying: bool, mode: str, verified_mode: str,
                    expected: float) -> None:
         """Time the last step, if it was a step of decodes alone (prefill tokens cost otherwise) and the
@@ -353,7 +369,7 @@ class AutoK:
         self.seen += 1
         if self.seen > SETTLE_STEPS and decode_only and not set(req_ids).isdisjoint(next_req_ids):
             n = len(req_ids)
-            size = self._class(n)
+            size = self._class(n, sampled)
             made = expected if verified_mode == DRAFTING and LOOKUP not in self.modes and n < 4 else n + self.accepted
             size.observe(len(req_ids), verified, drafted, verifying, mode, verified_mode, made, seconds,
-                         warmed_up=size.cost.steps >= len(self.warmup))
+                         warmed_up=size.cost.steps >= len(self.warmup[sampled]))

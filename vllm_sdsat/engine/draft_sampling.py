@@ -1,23 +1,31 @@
 """Draft sampling for the SDSAT proposer, in bounded memory.
 
 Greedy batches take the argmax of the draft logits. Otherwise each draft row is processed the way vLLM's
-rejection sampler processes the target logits (temperature, then top-k/top-p with vLLM's own helpers),
-q = softmax of that, one token is drawn from q, and greedy rows of a mixed batch take their argmax.
+rejection sampler processes the target logits (temperature, then top-k, then top-p), q = softmax of
+that, one token is drawn from q, and greedy rows of a mixed batch take their argmax.
+
+Any q keeps the rejection sampler lossless, as long as the draft is drawn from that q; a q near the
+target's processed distribution is what makes drafts accepted. That frees the draft side from vLLM's
+top-p path, which sorts every row of the vocabulary, and from its exponential-race draw: on 2 CPU cores
+those two took 41 of a 114 ms drafting step (32 requests x 7 drafts, T = 1.0, top-p 0.95). Here the
+nucleus is found among each row's NUCLEUS_CANDIDATES largest logits (`torch.topk`), exactly vLLM's
+top-k/top-p set whenever it lies within them (ties at its edge kept); a row whose nucleus is wider keeps
+its whole (top-k) distribution. The draw is by inverse CDF: one uniform number per row. About 6x
+cheaper than sort and race at that size.
 
 Memory: q [rows, vocab] fp32 is the output, which the rejection sampler needs whole. Everything else is
 done a chunk of rows at a time, in place inside that chunk of q. A chunk holds at most CHUNK_ELEMENTS
-logits (32 MiB as fp32); its largest temporaries are those of vLLM's top-p path (sorted values, their
-int64 indices, the sorted softmax, two masks) and then the exponential noise, about 4.5 chunks in all:
-under 160 MiB whatever the batch (tests/test_draft_memory.py measures it).
+logits (32 MiB as fp32); its largest temporaries are a mask and the CDF, about 1.5 chunks: under 160 MiB
+whatever the batch (tests/test_draft_memory.py measures it).
 
 Lookup drafts (hybrid drafting) are point masses: `one_hot_probs` gives their q.
 """
 import torch
 from vllm.v1.sample.metadata import SamplingMetadata
-from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 from vllm.v1.sample.sampler import Sampler
 
 CHUNK_ELEMENTS = 1 << 23
+NUCLEUS_CANDIDATES = 128  # logits per row searched for the top-k/top-p nucleus
 _SAMPLING_EPS = 1e-5  # vLLM's threshold below which a temperature means greedy
 
 
@@ -44,18 +52,39 @@ def sample_drafts(logits: torch.Tensor, sampling: SamplingMetadata, k: int,
 def _sample_chunk(logits, q, temperature, top_k, top_p, all_random: bool) -> torch.Tensor:
     q.copy_(logits)
     Sampler.apply_temperature(q, temperature, all_random)  # in place; greedy rows divide by 1
-    processed = apply_top_k_top_p(q, top_k, top_p)  # in place on vLLM's paths; a copy is allowed
-    if processed is not q:
-        q.copy_(processed)
-    del processed
+    if top_k is not None or top_p is not None:
+        q.masked_fill_(q < _nucleus_floor(q, top_k, top_p), float("-inf"))
     # Softmax in place: no second chunk-sized tensor.
     q.sub_(q.amax(-1, keepdim=True)).exp_()
     q.div_(q.sum(-1, keepdim=True))
-    noise = torch.empty_like(q).exponential_()
-    sampled = torch.div(q, noise, out=noise).argmax(-1)  # one draw from q (exponential race)
+    cdf = q.cumsum(-1)
+    sampled = torch.searchsorted(cdf, torch.rand(len(q), 1, device=q.device) * cdf[:, -1:], right=True)
+    sampled = sampled.squeeze(1).clamp_(max=q.shape[-1] - 1)  # right=True skips tokens of zero probability
     if all_random:
         return sampled
     return torch.where(temperature < _SAMPLING_EPS, logits.argmax(-1), sampled)
+
+
+def _nucleus_floor(logits: torch.Tensor, top_k, top_p) -> torch.Tensor:
+    """[rows, 1]: the smallest logit that vLLM's top-k and then top-p keep in each row (top-p over the
+    top-k renormalised distribution), found among the row's largest logits; -inf where the nucleus may
+    reach past them."""
+    m = min(NUCLEUS_CANDIDATES, logits.shape[-1])
+    values = logits.topk(m, dim=-1).values  # descending
+    probs = (values - logits.logsumexp(-1, keepdim=True)).exp_()
+    keep = torch.ones_like(values, dtype=torch.bool)
+    mass = torch.ones(len(values), 1, device=values.device)  # of the top-k set
+    beyond = torch.ones(len(values), dtype=torch.bool, device=values.device)  # top-k reaches past m
+    if top_k is not None:
+        k = top_k.to(torch.long).clamp(1, m)
+        keep = values >= values.gather(1, (k - 1).unsqueeze(1))
+        beyond = top_k > m
+        probs = probs * keep
+        mass = torch.where(beyond.unsqueeze(1), mass, probs.sum(-1, keepdim=True))
+    if top_p is not None:
+        keep &= probs.cumsum(-1) - probs < top_p.unsqueeze(1) * mass  # the mass ranked above it is under p
+    floor = values.gather(1, keep.sum(-1, keepdim=True) - 1)
+    return torch.where((keep[:, -1] & beyond).unsqueeze(1), float("-inf"), floor)
 
 
 def one_hot_probs(drafts: list[list[int]], width: int, vocab: int, device) -> torch.Tensor:

@@ -117,7 +117,7 @@ def test_a_class_without_timed_plain_steps_times_some_before_drafting():
     size = SizeClass((DRAFTING,))
     assert [size.next_mode() for _ in range(5)] == [PLAIN] * 5
     for _ in range(2):
-        size.observe(8, 8, 0, False, PLAIN, PLAIN, 8, 0.004, warmed_up=True)
+        size.observe(8, 8, 0, False, PLAIN, PLAIN, 8, 0.004)
     assert size.next_mode() == DRAFTING  # never measured: probed at once
 
 
@@ -186,6 +186,14 @@ def test_greedy_and_sampling_batches_learn_apart():
     assert new_sampled[2] < 1.5 < new_greedy[2]
     machine.cost, machine.accept, machine.sampled = greedy_cost, 0.9, False
     assert sum(any(p) for p in machine.run(20)) >= 20 - PROBE_STEPS - 1  # a probe of plain steps at most
+
+
+def test_a_warm_up_that_shows_drafting_losing_is_not_followed_by_a_probe():
+    """From 4 requests up, warm-up steps count towards drafting's measured speedup: where drafting
+    loses badly, the class runs plain after its warm-up instead of probing drafting at once."""
+    machine = Machine(cost=[2.0, 0.5, 2.0], accept=0.2, n=8)
+    drafting = [i for i, plan in enumerate(machine.run(40)) if any(plan)]
+    assert drafting == list(range(drafting[0], drafting[0] + 4))  # the warm-up's 4 drafting steps alone
 
 
 def test_auto_k_never_drafts_where_drafting_costs_more_than_it_gives():

@@ -223,18 +223,19 @@ class SizeClass:
         return made / plain_made if plain_made else None
 
     def observe(self, requests: int, verified: int, drafted: int, verifying: bool, mode: str,
-                verified_mode: str | None, made: float, seconds: float, warmed_up: bool) -> None:
+                verified_mode: str | None, made: float | None, seconds: float) -> None:
         """One timed step of `mode`, which verified drafts of `verified_mode` and made `made` tokens in
         `seconds` (see `AutoK._time_step`). It counts towards the speedup of the mode whose drafts it
         verified, or, verifying none, of its own: the first step of a run of drafting makes no more
         tokens than a plain step and pays a draft pass, the cost of switching, which a mode that is
-        switched to often must carry. Steps of the warm-up, whose widths are not the model's, train the fits but not the
-        speedups."""
+        switched to often must carry. Steps of the warm-up count too, at their fixed widths: a first
+        estimate that the mode's own steps soon replace. Without it a class probed drafting right after
+        its warm-up, which in sampling batches of 32-63 requests cost 12% of a run."""
         self.cost.observe(verified, drafted, verifying, seconds)
         ms = seconds * 1e3
         if mode == PLAIN and not verifying:
             self.plain.observe(requests, 0, False, seconds)
-        elif warmed_up and self.plain.steps >= 2 and (counted := verified_mode if verifying else mode) in self.made:
+        elif made is not None and self.plain.steps >= 2 and (counted := verified_mode if verifying else mode) in self.made:
             a, b, _ = self.plain.coefficients()
             totals = self.made[counted]
             totals[0] = totals[0] * SPEEDUP_DECAY + made
@@ -365,11 +366,15 @@ class AutoK:
         engine went on with some of its requests (otherwise it may have been idle before this one).
         Its tokens: those it made, or below 4 requests, where one request's luck is most of the count,
         those expected from the measured acceptance of the adaptive drafts it verified (lookup drafts,
-        whose rows and lengths only the workers know, are always counted)."""
+        whose rows and lengths only the workers know, are always counted). Where tokens would be
+        estimated, warm-up steps are not counted (None): the model has hardly seen the class's drafts."""
         self.seen += 1
         if self.seen > SETTLE_STEPS and decode_only and not set(req_ids).isdisjoint(next_req_ids):
             n = len(req_ids)
             size = self._class(n, sampled)
-            made = expected if verified_mode == DRAFTING and LOOKUP not in self.modes and n < 4 else n + self.accepted
-            size.observe(len(req_ids), verified, drafted, verifying, mode, verified_mode, made, seconds,
-                         warmed_up=size.cost.steps >= len(self.warmup[sampled]))
+            estimated = LOOKUP not in self.modes and n < 4
+            if estimated and size.cost.steps < len(self.warmup[sampled]):
+                made = None
+            else:
+                made = expected if estimated and verified_mode == DRAFTING else n + self.accepted
+            size.observe(len(req_ids), verified, drafted, verifying, mode, verified_mode, made, seconds)

@@ -31,7 +31,7 @@ def trace_size_classes(gains: dict) -> None:
     observe = auto_k.SizeClass.observe
 
     def traced(self, requests, verified, drafted, verifying, mode, verified_mode, made, seconds):
-        if self.plain.steps >= 2:
+        if self.plain.steps >= 2 and made is not None:  # None: not counted by automatic K either
             a, b, _ = self.plain.coefficients()
             warm_up = self.cost.steps < auto_k.WARMUP_STEPS
             counted = (verified_mode if verifying else mode) + (" (warm-up)" if warm_up else "")

@@ -140,7 +140,7 @@ def test_sampling_temporaries_stay_within_the_chunk_budget(rows):
 
 # A step's draft pass runs in chunks when it drafts for more than BUDGET // SPEC_K = 5 rows. Decode steps
 # hold at most 4 (4 x 7 tokens fit in 32), prefill steps of the two-token prompts up to 16.
-BUDGET, MAX_SEQS, SPEC_K = 32, 32, 6
+BUDGET, MAX_SEQS, SPEC_K = 32, 16, 6
 SAMPLED = SamplingParams(max_tokens=8, temperature=0.8, top_k=20, top_p=0.9, ignore_eos=True)
 GREEDY = SamplingParams(max_tokens=48, temperature=0)
 

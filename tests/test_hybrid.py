@@ -132,7 +132,7 @@ from vllm_sdsat.engine import auto_k
 from test_hybrid import GREEDY, HYBRID, MIXED, count_draft_forwards, draft_forwards, draft_stats
 from test_vllm import make_llm
 original = auto_k.AutoK.plan
-auto_k.AutoK.plan = lambda self, *args: setattr(self, "warmup", ()) or original(self, *args)
+auto_k.AutoK.plan = lambda self, *args: setattr(self, "warmup", {False: (), True: ()}) or original(self, *args)
 auto_k.SizeClass.next_mode = lambda self: auto_k.LOOKUP
 llm = make_llm(HYBRID, async_scheduling=False)
 llm.collective_rpc(count_draft_forwards)

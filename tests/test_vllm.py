@@ -161,7 +161,7 @@ def test_weights_loaded_once(plain_greedy):
     assert weights == plain_greedy[2]
 
 
-def forced_plans(self, req_ids, verified_tokens, base_tokens):
+def forced_plans(self, req_ids, verified_tokens, base_tokens, sampled=None):
     """A stand-in for the auto-K rule: per-request counts that differ within a step and change between
     steps, with rows of 0 and whole steps of 0."""
     step = len(self._forced)

@@ -15,12 +15,11 @@ import collections
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from vllm_sdsat.bench.engine import QUIET_VLLM_ENV, humaneval_prompts  # noqa: E402
+from vllm_sdsat.bench.engine import QUIET_VLLM_ENV, humaneval_prompts, timed_generate  # noqa: E402
 
 
 def trace_size_classes(gains: dict) -> None:
@@ -72,13 +71,10 @@ def main() -> None:
             llm.generate(requests[:batch], SamplingParams(max_tokens=8, temperature=temperature), use_tqdm=False)
             for repeat in range(opts.repeats):
                 gains.clear()
-                start, tokens = time.perf_counter(), 0
-                for i in range(0, len(requests), batch):
-                    outputs = llm.generate(requests[i:i + batch], params, use_tqdm=False)
-                    tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
-                seconds = time.perf_counter() - start
+                outputs, tokens_per_s, _ = timed_generate(llm, requests, params, batch)
+                tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
                 net = sum(made - plain for (_, mode), (_, _, made, plain) in gains.items() if not mode.startswith("plain"))
-                print(f"T={temperature} batch {batch} repeat {repeat}: {tokens / seconds:.0f} tokens/s; "
+                print(f"T={temperature} batch {batch} repeat {repeat}: {tokens_per_s:.0f} tokens/s; "
                       f"{net:+.0f} tokens against plain steps, of {tokens}")
                 for (size_class, mode), (steps, ms, made, plain) in sorted(gains.items()):
                     if not mode.startswith("plain"):

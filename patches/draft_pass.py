@@ -205,8 +205,10 @@ def propose_draft_token_ids(self: GPUModelRunner, scheduler_output, sampled_toke
     hybrid = drafter.lookup is not None  # counts by kind only where there are two kinds
     if hybrid and spec_decode_metadata is not None:
         drafter.stats.verified(req_ids, spec_decode_metadata.num_draft_tokens, sampled_token_ids)
+    # This step's rejection sampler has used the previous q: free it before the draft pass makes the next
+    # one, as vLLM's own propose_draft_token_ids does, so that two never coexist.
+    self._draft_probs = self._draft_prob_req_ids = None
     if not self.use_async_scheduling and not any(num_drafts):  # nothing to draft: hand back no drafts
-        self._draft_probs = self._draft_prob_req_ids = None
         return [[] for _ in req_ids]
     lookup = _lookup_drafts(self, num_drafts, sampled_token_ids) if hybrid else {}
     lookup_only = getattr(scheduler_output, LOOKUP_ONLY, False)  # automatic K's lookup mode: no draft pass

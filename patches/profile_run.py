@@ -11,9 +11,11 @@ runs exercise EAGLE and draft-model drafters, never SDSAT's draft pass, whose dr
 So the profile run first runs the real proposer (`SdsatProposer.propose_from_target`: the chunked draft
 forward, then draft sampling with q) on dummy rows, as many as a step can hold, all sampled with top-k and
 top-p (vLLM's heaviest sampling path), while a tensor the size of that step's verification logits is live,
-as it is in `sample_tokens`. q then stays live through vLLM's own profile run, as a step's q stays live
-through the next step's forward and rejection sampling. The dummy forward has no attention metadata (like
-vLLM's dummy runs): attention is skipped and no KV is written.
+as it is in `sample_tokens`. q then stays live, as a step's q stays live through the next step's forward
+and rejection sampling, through a rejection sampler run on the largest verification step (drafts filling
+the token budget, with their q gathered as vLLM gathers it) and then vLLM's own profile run, whose dummy
+rejection sampler run verifies one draft per request only. The dummy forward has no attention metadata
+(like vLLM's dummy runs): attention is skipped and no KV is written.
 
 On CPU, vLLM calls `profile_run` only to warm up compiled graphs (not under enforce_eager) and takes the KV
 cache size from VLLM_CPU_KVCACHE_SPACE or the RSS after that warm-up, so there the hook adds warm-up only.
@@ -22,6 +24,7 @@ import torch
 from vllm.forward_context import set_forward_context
 from vllm.v1.sample.logits_processor import LogitsProcessors
 from vllm.v1.sample.metadata import SamplingMetadata
+from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vllm_sdsat.patches.draft_pass import TargetDraftPass
@@ -62,6 +65,27 @@ def dummy_sampling(rows: int, vocab: int, device) -> SamplingMetadata:
         logitsprocs=LogitsProcessors())
 
 
+def full_verification(runner: GPUModelRunner, q: torch.Tensor) -> None:
+    """The rejection sampler on the step with the most drafts to verify: as few requests as can fill the
+    token budget with K drafts each, their draft probabilities gathered from q (a copy, as
+    `_get_spec_decode_draft_probs` makes). The sampler's temporaries grow with the drafts."""
+    rows, k, vocab = q.shape
+    budget = runner.max_num_tokens
+    requests = min(rows, -(-budget // (k + 1)))
+    drafts = min(requests * k, budget - requests)
+    if drafts <= 0:
+        return
+    counts = [drafts // requests + (i < drafts % requests) for i in range(requests)]
+    draft_probs = torch.cat([q[i, :n] for i, n in enumerate(counts)])
+    # The step's hidden states, and those gathered at the sampled positions, stay live through sampling.
+    hidden = torch.empty(2, budget, runner.model_config.get_hidden_size(), dtype=runner.model_config.dtype,
+                         device=runner.device)
+    logits = torch.randn(drafts + requests, vocab, dtype=runner.model_config.dtype, device=runner.device)
+    runner.rejection_sampler(SpecDecodeMetadata.make_dummy([[0] * n for n in counts], runner.device),
+                             draft_probs, logits, dummy_sampling(requests, vocab, runner.device))
+    del hidden
+
+
 def profile_run(self: GPUModelRunner, *args, **kwargs) -> None:
     from vllm_sdsat.engine.proposer import SdsatProposer
 
@@ -76,6 +100,7 @@ def profile_run(self: GPUModelRunner, *args, **kwargs) -> None:
         _, _, q = drafter.propose_from_target(DummyDraftPass(self, rows), None, None,
                                               dummy_sampling(rows, vocab, self.device), [drafter.k] * rows)
         del verify_logits
+        full_verification(self, q)
         self._sync_device()
     try:
         return _original(self, *args, **kwargs)

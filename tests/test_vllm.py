@@ -63,8 +63,24 @@ def plain_greedy():
     return result
 
 
+def generate_joining(llm, concurrency: int, prompts: int = 12) -> tuple[list, list[int]]:
+    """The first PROMPTS served at fixed concurrency (the bench's --concurrent): each request joins a
+    batch that is mid-decode. Token ids in prompt order, and the requests in flight at each engine step."""
+    from vllm_sdsat.bench.engine import generate_at_concurrency
+    engine, in_flight = llm.llm_engine, []
+    step = engine.step
+    engine.step = lambda: in_flight.append(engine.get_num_unfinished_requests()) or step()
+    try:
+        params = SamplingParams(max_tokens=256, temperature=0)
+        outs = generate_at_concurrency(llm, PROMPTS[:prompts], params, concurrency)
+    finally:
+        del engine.step
+    return [o.outputs[0].token_ids for o in outs], in_flight
+
+
 @pytest.mark.parametrize("k", [2, 4, 6])
 def test_greedy_output_equals_no_speculation(plain_greedy, k):
+    """Greedy SDSAT output is plain decoding's; at K=4 also with requests joining a running batch."""
     expected, plain_kv, _ = plain_greedy
     llm = make_llm({"method": "sdsat", "num_speculative_tokens": k})
     assert llm.llm_engine.vllm_config.scheduler_config.async_scheduling is True
@@ -72,10 +88,14 @@ def test_greedy_output_equals_no_speculation(plain_greedy, k):
     got = [o.outputs[0].token_ids for o in outs]
     metrics = spec_metrics(llm)
     capacity = kv_capacity(llm)
+    joined, in_flight = generate_joining(llm, 3) if k == 4 else (got, [])
     del llm
     gc.collect()
     mismatched = [i for i, (a, b) in enumerate(zip(expected, got)) if list(a) != list(b)]
     assert not mismatched, f"K={k}: prompts {mismatched} differ from decoding without speculation"
+    mismatched = [i for i, (a, b) in enumerate(zip(expected, joined)) if list(a) != list(b)]
+    assert not mismatched, f"K={k}: prompts {mismatched} joining a running batch differ"
+    assert max(in_flight, default=3) == 3
     # Metrics: every step drafts K tokens per request, and draft 1 (the exact next token) is always accepted.
     assert metrics["num_draft_tokens"] == k * metrics["num_drafts"] > 0
     per_pos = metrics["num_accepted_tokens_per_pos"]

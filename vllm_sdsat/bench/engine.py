@@ -38,11 +38,15 @@ def acceptance(llm) -> dict:
                                 list(m.get("num_accepted_tokens_per_pos") or []))
 
 
-def timed_generate(llm, prompts, params, batch_size: int = 1, bar=None):
+def timed_generate(llm, prompts, params, batch_size: int = 1, bar=None, concurrent: bool = False):
     """Outputs, output tokens/s and mean time to first token (s is approximate at batch 1: prefill
-    plus the first step). `bar` (tqdm) advances by one per prompt."""
+    plus the first step). Static batches of `batch_size` prompts, one `llm.generate` each; with
+    `concurrent`, `batch_size` requests in flight instead (`generate_at_concurrency`). `bar` (tqdm)
+    advances by one per prompt."""
     outputs, start = [], time.perf_counter()
-    for i in range(0, len(prompts), batch_size):
+    if concurrent:
+        outputs = generate_at_concurrency(llm, prompts, params, batch_size, bar)
+    for i in range(0, 0 if concurrent else len(prompts), batch_size):
         outputs += llm.generate(prompts[i:i + batch_size], params, use_tqdm=False)
         if bar is not None:
             bar.update(len(prompts[i:i + batch_size]))
@@ -51,6 +55,26 @@ def timed_generate(llm, prompts, params, batch_size: int = 1, bar=None):
     ttft = [o.metrics.first_token_latency for o in outputs if getattr(o, "metrics", None)
             and getattr(o.metrics, "first_token_latency", None) is not None]
     return outputs, tokens / elapsed, (sum(ttft) / len(ttft) if ttft else None)
+
+
+def generate_at_concurrency(llm, prompts, params, concurrency: int, bar=None) -> list:
+    """Outputs of `prompts` in order, served as a client at fixed concurrency loads a server (vLLM's
+    `bench serve --max-concurrency`): `concurrency` requests in flight, each finished one replaced by the
+    next prompt, through the engine's public add_request/step loop. Unlike static batches, the batch does
+    not drain after each group of prompts, only at the very end."""
+    engine, outputs, index = llm.llm_engine, {}, {}
+    waiting, run = list(enumerate(prompts)), time.monotonic_ns()
+    while waiting or engine.has_unfinished_requests():
+        while waiting and len(index) - len(outputs) < concurrency:
+            i, prompt = waiting.pop(0)
+            index[f"bench-{run}-{i}"] = i
+            engine.add_request(f"bench-{run}-{i}", prompt, params)
+        for out in engine.step():
+            if out.finished:
+                outputs[index[out.request_id]] = out
+                if bar is not None:
+                    bar.update()
+    return [outputs[i] for i in range(len(prompts))]
 
 
 def take_draft_stats(worker) -> dict:

@@ -15,6 +15,8 @@ from vllm_sdsat.bench.engine import (acceptance, acceptance_rates, engine_peak_r
 from vllm_sdsat.bench.methods import NGRAM_LOOKUP, EngineSpec
 from vllm_sdsat.console import console
 
+CONCURRENT_REQUESTS_PER_SLOT = 4  # --concurrent: requests per cell = max(prompts, this x concurrency)
+
 
 def median_spread(values: list[float]) -> dict:
     values = [v for v in values if v is not None]
@@ -72,7 +74,10 @@ class CellRun:
         self.counters = spec.speculative_config is not None and not getattr(opts, "interleave", False)
         self.sampling = dict(temperature=temperature, top_p=opts.top_p if temperature > 0 else 1.0)
         self.params = SamplingParams(max_tokens=opts.max_tokens, **self.sampling)
-        self.requests = [prompts[i % len(prompts)] for i in range(max(len(prompts), batch))]
+        self.concurrent = getattr(opts, "concurrent", False)
+        # At fixed concurrency, enough requests that the batch runs full most of the time.
+        count = max(len(prompts), CONCURRENT_REQUESTS_PER_SLOT * batch if self.concurrent else batch)
+        self.requests = [prompts[i % len(prompts)] for i in range(count)]
         llm.generate(self.requests[:batch], SamplingParams(max_tokens=8, **self.sampling), use_tqdm=False)
         self.before, self.reps, self.identical = acceptance(llm) if self.counters else None, [], None
         if spec.method == "hybrid":
@@ -82,7 +87,7 @@ class CellRun:
         """One timed pass over the cell's requests; the first greedy pass of `none` is the reference
         (batch size -> token ids) that the others' outputs are compared with."""
         t0 = time.perf_counter()
-        outputs, tok_s, _ = timed_generate(self.llm, self.requests, self.params, self.batch)
+        outputs, tok_s, _ = timed_generate(self.llm, self.requests, self.params, self.batch, concurrent=self.concurrent)
         ttft = [o.metrics.first_token_latency * 1000 for o in outputs
                 if getattr(getattr(o, "metrics", None), "first_token_latency", None)]
         self.reps.append({"tok_s": tok_s, "elapsed_s": time.perf_counter() - t0,
@@ -193,8 +198,12 @@ def run_meta(opts, specs, n_prompts) -> dict:
             "temperatures": opts.temperatures, "top_p_when_sampling": opts.top_p,
             "batch_sizes": opts.batch_sizes, "sampling_batch_sizes": opts.sampling_batch_sizes,
             "engines": [s.label for s in specs],
-            "notes": ["batch B = static batches of B prompts per llm.generate call; when B exceeds the prompt "
-                      "count the prompts are cycled to fill one batch",
+            "load": "concurrent" if getattr(opts, "concurrent", False) else "static",
+            "notes": [(f"batch B = B requests in flight, each finished one replaced by the next, over max(prompts, "
+                       f"{CONCURRENT_REQUESTS_PER_SLOT} x B) requests (prompts cycled)"
+                       if getattr(opts, "concurrent", False) else
+                       "batch B = static batches of B prompts per llm.generate call; when B exceeds the prompt "
+                       "count the prompts are cycled to fill one batch"),
                       "one untimed warm-up generate (8 tokens, one batch) per cell before the timed repeats",
                       "prefix caching off, so repeats and cycled prompts pay full prefill",
                       "peak RSS = sum of VmHWM over the engine processes, cumulative over the engine's life"

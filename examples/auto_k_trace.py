@@ -1,5 +1,6 @@
 """Where automatic K gains and loses: one SDSAT engine with automatic K, in this process, through the
-benchmark's cells (static batches of HumanEval prompts, each cell after an untimed 8-token warm-up).
+benchmark's cells (static batches of HumanEval prompts, or with --concurrent requests in flight, each
+cell after an untimed 8-token warm-up).
 
 For every timed step, automatic K's own bookkeeping is read (`SizeClass.observe`): the tokens the step
 made, and what plain decoding would have made in its time by the class's fit of its own plain steps.
@@ -20,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from vllm_sdsat.bench.engine import QUIET_VLLM_ENV, humaneval_prompts, timed_generate  # noqa: E402
+from vllm_sdsat.bench.runner import CONCURRENT_REQUESTS_PER_SLOT  # noqa: E402
 
 
 def trace_size_classes(gains: dict) -> None:
@@ -53,6 +55,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--concurrent", action="store_true", help="batch size = requests in flight (bench --concurrent)")
     opts = p.parse_args()
     os.environ.update(QUIET_VLLM_ENV | {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})  # the controller lives here
 
@@ -65,13 +68,14 @@ def main() -> None:
     prompts = humaneval_prompts(opts.prompts)
     for temperature in map(float, opts.temperatures.split(",")):
         for batch in map(int, opts.batch_sizes.split(",")):
-            requests = [prompts[i % len(prompts)] for i in range(max(len(prompts), batch))]
+            count = max(len(prompts), CONCURRENT_REQUESTS_PER_SLOT * batch if opts.concurrent else batch)
+            requests = [prompts[i % len(prompts)] for i in range(count)]
             params = SamplingParams(max_tokens=opts.max_tokens, temperature=temperature,
                                     top_p=0.95 if temperature else 1.0)
             llm.generate(requests[:batch], SamplingParams(max_tokens=8, temperature=temperature), use_tqdm=False)
             for repeat in range(opts.repeats):
                 gains.clear()
-                outputs, tokens_per_s, _ = timed_generate(llm, requests, params, batch)
+                outputs, tokens_per_s, _ = timed_generate(llm, requests, params, batch, concurrent=opts.concurrent)
                 tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
                 net = sum(made - plain for (_, mode), (_, _, made, plain) in gains.items() if not mode.startswith("plain"))
                 print(f"T={temperature} batch {batch} repeat {repeat}: {tokens_per_s:.0f} tokens/s; "

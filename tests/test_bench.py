@@ -357,3 +357,12 @@ def test_pass_at_1_executes_tests():
     assert (right["passed"], right["pass_at_1"]) == (2, 1.0)
     wrong = pass_at_1(problems, ["    return None\n", "    while True:\n        pass\n"], timeout=1.0)
     assert (wrong["passed"], wrong["pass_at_1"]) == (0, 0.0)
+
+
+def test_concurrent_lengths_spread_over_the_upper_half():
+    """--concurrent requests differ in length (so plain decoding's do not finish in lockstep), within
+    [max_tokens / 2, max_tokens], the same every run."""
+    lengths = runner.spread_lengths(256, 128)
+    assert min(lengths) == 64 and max(lengths) == 128 and lengths == runner.spread_lengths(256, 128)
+    assert len(set(lengths)) == 65 and 90 < sum(lengths) / len(lengths) < 102
+    assert runner.spread_lengths(3, 1) == [1, 1, 1]

@@ -51,7 +51,8 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
                         "hold on a machine whose speed drifts (more memory: every engine is up at once)")
     p.add_argument("--concurrent", action="store_true",
                    help="batch size B means B requests in flight, each finished one replaced by the next (a server "
-                        "at concurrency B), over max(prompts, 4B) requests; default: static batches of B prompts")
+                        "at concurrency B), over max(prompts, 4B) requests whose lengths spread over [max-tokens / 2, "
+                        "max-tokens]; default: static batches of B prompts")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--enforce-eager", action="store_true", help="no torch.compile / graphs")

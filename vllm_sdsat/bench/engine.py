@@ -58,7 +58,8 @@ def timed_generate(llm, prompts, params, batch_size: int = 1, bar=None, concurre
 
 
 def generate_at_concurrency(llm, prompts, params, concurrency: int, bar=None) -> list:
-    """Outputs of `prompts` in order, served as a client at fixed concurrency loads a server (vLLM's
+    """Outputs of `prompts` in order (`params`: one SamplingParams, or one per prompt), served as a client
+    at fixed concurrency loads a server (vLLM's
     `bench serve --max-concurrency`): `concurrency` requests in flight, each finished one replaced by the
     next prompt, through the engine's public add_request/step loop. Unlike static batches, the batch does
     not drain after each group of prompts, only at the very end."""
@@ -68,7 +69,7 @@ def generate_at_concurrency(llm, prompts, params, concurrency: int, bar=None) ->
         while waiting and len(index) - len(outputs) < concurrency:
             i, prompt = waiting.pop(0)
             index[f"bench-{run}-{i}"] = i
-            engine.add_request(f"bench-{run}-{i}", prompt, params)
+            engine.add_request(f"bench-{run}-{i}", prompt, params[i] if isinstance(params, list) else params)
         for out in engine.step():
             if out.finished:
                 outputs[index[out.request_id]] = out

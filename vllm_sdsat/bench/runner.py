@@ -51,6 +51,15 @@ def add_speedups(runs: list[dict]) -> None:
                         if ref else None)
 
 
+def spread_lengths(count: int, max_tokens: int) -> list[int]:
+    """Output lengths for --concurrent: spread evenly over [max_tokens / 2, max_tokens] (a golden-ratio
+    sequence, the same every run), as vLLM's random dataset spreads them with `--random-range-ratio`.
+    With one length for all, plain decoding's requests finish in lockstep and prefill their successors
+    in one batched step, which no server load does."""
+    low = (max_tokens + 1) // 2
+    return [low + int(((i * 0.6180339887) % 1.0) * (max_tokens - low + 1)) for i in range(count)]
+
+
 def cell_list(temperatures: list[float], batch_sizes: list[int], sampling_batch_sizes: list[int]) -> list[tuple]:
     return [(t, b) for t in temperatures for b in (batch_sizes if t == 0 else sampling_batch_sizes)]
 
@@ -78,6 +87,8 @@ class CellRun:
         # At fixed concurrency, enough requests that the batch runs full most of the time.
         count = max(len(prompts), CONCURRENT_REQUESTS_PER_SLOT * batch if self.concurrent else batch)
         self.requests = [prompts[i % len(prompts)] for i in range(count)]
+        if self.concurrent:  # requests of a server differ in length, so they do not finish in lockstep
+            self.params = [SamplingParams(max_tokens=n, **self.sampling) for n in spread_lengths(count, opts.max_tokens)]
         llm.generate(self.requests[:batch], SamplingParams(max_tokens=8, **self.sampling), use_tqdm=False)
         self.before, self.reps, self.identical = acceptance(llm) if self.counters else None, [], None
         if spec.method == "hybrid":
@@ -200,7 +211,8 @@ def run_meta(opts, specs, n_prompts) -> dict:
             "engines": [s.label for s in specs],
             "load": "concurrent" if getattr(opts, "concurrent", False) else "static",
             "notes": [(f"batch B = B requests in flight, each finished one replaced by the next, over max(prompts, "
-                       f"{CONCURRENT_REQUESTS_PER_SLOT} x B) requests (prompts cycled)"
+                       f"{CONCURRENT_REQUESTS_PER_SLOT} x B) requests (prompts cycled), whose max_tokens spread "
+                       "over [max_tokens / 2, max_tokens]"
                        if getattr(opts, "concurrent", False) else
                        "batch B = static batches of B prompts per llm.generate call; when B exceeds the prompt "
                        "count the prompts are cycled to fill one batch"),

@@ -137,24 +137,38 @@ class StepCost:
     on, drifts (measured: a plain step fitted at 4.7 ms against 2.2 ms timed)."""
 
     FORGET = 0.98
-    RIDGE = 1e-3
+    RIDGE = 1e-3 * np.eye(4)
     SCALE = np.array([1.0, 1e-2, 1.0, 1.0])  # tokens in hundreds: a well-conditioned fit
+    REFIT_EVERY = 8  # steps between solves while nothing reads the fit: solving was most of automatic K's cost
 
     def __init__(self):
-        self.theta = np.zeros(4)
+        self._theta = np.zeros(4)
         self.xx, self.xy = np.zeros((4, 4)), np.zeros(4)  # forgotten sums of x x^T and x * ms
         self.steps = self.outliers = 0
+        self.stale = False  # whether steps were observed since the last solve
+
+    @property
+    def theta(self) -> np.ndarray:
+        if self.stale:
+            self._refit()
+        return self._theta
+
+    def _refit(self) -> None:
+        self._theta, self.stale = np.linalg.solve(self.xx + self.RIDGE, self.xy), False
 
     def observe(self, verified: int, drafted: int, verifying: bool, seconds: float) -> None:
         x = np.array([1.0, verified + drafted, float(drafted > 0), float(verifying)]) * self.SCALE
-        outlier = self.steps >= WARMUP_STEPS and seconds * 1e3 > 3 * max(x @ self.theta, 1e-3)
+        # A fit up to REFIT_EVERY steps old tells a 3x outlier as well as a fresh one.
+        outlier = self.steps >= WARMUP_STEPS and seconds * 1e3 > 3 * max(x @ self._theta, 1e-3)
         self.outliers = self.outliers + 1 if outlier else 0
         if 0 < self.outliers <= 2:
             return  # one-time set-up (kernels for a new shape), unless it persists: then the machine changed
         self.xx = self.FORGET * self.xx + np.outer(x, x)
         self.xy = self.FORGET * self.xy + x * seconds * 1e3  # in milliseconds
-        self.theta = np.linalg.solve(self.xx + self.RIDGE * np.eye(4), self.xy)
         self.steps += 1
+        self.stale = True
+        if self.steps % self.REFIT_EVERY == 0:
+            self._refit()
 
     def coefficients(self) -> tuple[float, float, float]:
         """(a, b, d + e): ms, ms per token, and the fixed cost per step of drafting, clipped at 0: a fit

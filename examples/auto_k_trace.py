@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from vllm_sdsat.bench.engine import QUIET_VLLM_ENV, humaneval_prompts, timed_generate  # noqa: E402
-from vllm_sdsat.bench.runner import CONCURRENT_REQUESTS_PER_SLOT  # noqa: E402
+from vllm_sdsat.bench.runner import cell_workload  # noqa: E402
 
 
 def trace_size_classes(gains: dict) -> None:
@@ -68,10 +68,8 @@ def main() -> None:
     prompts = humaneval_prompts(opts.prompts)
     for temperature in map(float, opts.temperatures.split(",")):
         for batch in map(int, opts.batch_sizes.split(",")):
-            count = max(len(prompts), CONCURRENT_REQUESTS_PER_SLOT * batch if opts.concurrent else batch)
-            requests = [prompts[i % len(prompts)] for i in range(count)]
-            params = SamplingParams(max_tokens=opts.max_tokens, temperature=temperature,
-                                    top_p=0.95 if temperature else 1.0)
+            sampling = dict(temperature=temperature, top_p=0.95 if temperature else 1.0)
+            requests, params = cell_workload(prompts, batch, opts.max_tokens, sampling, opts.concurrent)
             llm.generate(requests[:batch], SamplingParams(max_tokens=8, temperature=temperature), use_tqdm=False)
             for repeat in range(opts.repeats):
                 gains.clear()

@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from vllm_sdsat.bench.engine import QUIET_VLLM_ENV, humaneval_prompts, timed_generate  # noqa: E402
-from vllm_sdsat.bench.runner import CONCURRENT_REQUESTS_PER_SLOT, spread_lengths  # noqa: E402
+from vllm_sdsat.bench.runner import cell_workload  # noqa: E402
 
 
 def record_steps(log: list) -> None:
@@ -81,11 +81,10 @@ def main() -> None:
                            enable_prefix_caching=False)
         engines[tag].llm_engine.engine_core.engine_core.sdsat_tag = tag
     prompts = humaneval_prompts(32)
-    count = max(len(prompts), CONCURRENT_REQUESTS_PER_SLOT * opts.concurrency)
-    requests = [prompts[i % len(prompts)] for i in range(count)]
-    lengths = [opts.max_tokens] * count if opts.same_length else spread_lengths(count, opts.max_tokens)
     sampling = dict(temperature=opts.temperature, top_p=0.95 if opts.temperature else 1.0)
-    params = [SamplingParams(max_tokens=n, **sampling) for n in lengths]
+    requests, params = cell_workload(prompts, opts.concurrency, opts.max_tokens, sampling, concurrent=True)
+    if opts.same_length:
+        params = SamplingParams(max_tokens=opts.max_tokens, **sampling)
     for llm in engines.values():
         llm.generate(requests[:opts.concurrency], SamplingParams(max_tokens=8, **sampling), use_tqdm=False)
     for repeat in range(opts.repeats):

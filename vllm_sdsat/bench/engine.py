@@ -46,10 +46,11 @@ def timed_generate(llm, prompts, params, batch_size: int = 1, bar=None, concurre
     outputs, start = [], time.perf_counter()
     if concurrent:
         outputs = generate_at_concurrency(llm, prompts, params, batch_size, bar)
-    for i in range(0, 0 if concurrent else len(prompts), batch_size):
-        outputs += llm.generate(prompts[i:i + batch_size], params, use_tqdm=False)
-        if bar is not None:
-            bar.update(len(prompts[i:i + batch_size]))
+    else:
+        for i in range(0, len(prompts), batch_size):
+            outputs += llm.generate(prompts[i:i + batch_size], params, use_tqdm=False)
+            if bar is not None:
+                bar.update(len(prompts[i:i + batch_size]))
     elapsed = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     ttft = [o.metrics.first_token_latency for o in outputs if getattr(o, "metrics", None)

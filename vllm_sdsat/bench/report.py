@@ -34,12 +34,12 @@ def write_markdown(results: dict) -> str:
                    f"machine: {meta.get('machine')}.")
         if meta.get("command"):
             out.append(f"\nCommand: `{meta['command']}`")
+    load = "concurrency" if meta.get("load") == "concurrent" else "batch"
     for temperature in sorted({r["temperature"] for r in runs}):
         rows = [r for r in runs if r["temperature"] == temperature]
         top_p = rows[0].get("top_p", 1.0)
         out.append(f"\n### {'Greedy' if temperature == 0 else f'T = {temperature}, top-p = {top_p}'}\n")
         greedy = temperature == 0
-        load = "concurrency" if meta.get("load") == "concurrent" else "batch"
         head = ["method", load, "tok/s median [min-max]", "speedup [min-max]", "mean acc. len", "acc. rate",
                 "acc. rate drafts 2..K", "acc. rate per position", "TTFT ms", "peak RSS MiB", "KV tokens"]
         head += ["= none"] if greedy else []

@@ -60,6 +60,19 @@ def spread_lengths(count: int, max_tokens: int) -> list[int]:
     return [low + int(((i * 0.6180339887) % 1.0) * (max_tokens - low + 1)) for i in range(count)]
 
 
+def cell_workload(prompts: list[str], batch: int, max_tokens: int, sampling: dict, concurrent: bool) -> tuple:
+    """A cell's requests (prompts cycled) and their SamplingParams. Static batches: enough requests to fill
+    one batch, all max_tokens long. --concurrent: enough that the batch runs full most of the time
+    (CONCURRENT_REQUESTS_PER_SLOT per slot), one SamplingParams each, lengths from `spread_lengths`."""
+    from vllm import SamplingParams
+
+    count = max(len(prompts), CONCURRENT_REQUESTS_PER_SLOT * batch if concurrent else batch)
+    requests = [prompts[i % len(prompts)] for i in range(count)]
+    if not concurrent:
+        return requests, SamplingParams(max_tokens=max_tokens, **sampling)
+    return requests, [SamplingParams(max_tokens=n, **sampling) for n in spread_lengths(count, max_tokens)]
+
+
 def cell_list(temperatures: list[float], batch_sizes: list[int], sampling_batch_sizes: list[int]) -> list[tuple]:
     return [(t, b) for t in temperatures for b in (batch_sizes if t == 0 else sampling_batch_sizes)]
 
@@ -82,13 +95,8 @@ class CellRun:
         # logger unregisters the last one's: with engines side by side they are not any one engine's.
         self.counters = spec.speculative_config is not None and not getattr(opts, "interleave", False)
         self.sampling = dict(temperature=temperature, top_p=opts.top_p if temperature > 0 else 1.0)
-        self.params = SamplingParams(max_tokens=opts.max_tokens, **self.sampling)
         self.concurrent = getattr(opts, "concurrent", False)
-        # At fixed concurrency, enough requests that the batch runs full most of the time.
-        count = max(len(prompts), CONCURRENT_REQUESTS_PER_SLOT * batch if self.concurrent else batch)
-        self.requests = [prompts[i % len(prompts)] for i in range(count)]
-        if self.concurrent:  # requests of a server differ in length, so they do not finish in lockstep
-            self.params = [SamplingParams(max_tokens=n, **self.sampling) for n in spread_lengths(count, opts.max_tokens)]
+        self.requests, self.params = cell_workload(prompts, batch, opts.max_tokens, self.sampling, self.concurrent)
         llm.generate(self.requests[:batch], SamplingParams(max_tokens=8, **self.sampling), use_tqdm=False)
         self.before, self.reps, self.identical = acceptance(llm) if self.counters else None, [], None
         if spec.method == "hybrid":

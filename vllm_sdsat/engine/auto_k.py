@@ -30,8 +30,10 @@ where that lost 10%, plain at batch 1 greedy on half the steps): a step's fixed 
 additive (a step that verifies and drafts pays vLLM's speculative path once), and its acceptance
 estimates are noisy where the margin is thin. A measured speedup needs no model of either.
 
-Costs, per step: a few dict and float operations while not drafting; O(requests x K^2) numpy work every
-few steps while drafting, about 25 microseconds per step on average.
+Costs, per step: a few dict and float operations while not drafting, plus a 4 x 4 solve every 32 steps;
+O(requests x K^2) numpy work every few steps while drafting. In the engine a plain step's plan took about
+81 microseconds before the plain path left numpy (15 in a loop of its own: after a forward the caches
+are cold), and 39 since (`StepCost` queues its steps; plans are lists).
 """
 from __future__ import annotations
 
@@ -131,49 +133,60 @@ class StepCost:
     A plan that keeps drafting pays both every step; apart, they keep the step after a switch from
     being charged to the tokens.
 
-    The fit solves the forgotten normal equations with a small ridge each step, rather than updating
-    recursively: where some feature never varies (batch 1 has one token count; plain steps never
+    The fit solves the forgotten normal equations with a small ridge (when read, or every REFIT_EVERY
+    steps, folding in the steps queued since), rather than updating recursively: where some feature never varies (batch 1 has one token count; plain steps never
     draft), recursive least squares with forgetting winds up its covariance and, thousands of steps
     on, drifts (measured: a plain step fitted at 4.7 ms against 2.2 ms timed)."""
 
     FORGET = 0.98
     RIDGE = 1e-3 * np.eye(4)
-    SCALE = np.array([1.0, 1e-2, 1.0, 1.0])  # tokens in hundreds: a well-conditioned fit
-    REFIT_EVERY = 8  # steps between solves while nothing reads the fit: solving was most of automatic K's cost
+    SCALE = (1.0, 1e-2, 1.0, 1.0)  # tokens in hundreds: a well-conditioned fit
+    REFIT_EVERY = 32  # steps queued between solves while nothing reads the fit: a solve costs about 0.2 ms
+    #                   with cold caches, most of automatic K's cost on a plain step when it ran every 8
 
     def __init__(self):
         self._theta = np.zeros(4)
+        self._theta_tuple = (0.0,) * 4  # for the per-step outlier check, in plain floats
         self.xx, self.xy = np.zeros((4, 4)), np.zeros(4)  # forgotten sums of x x^T and x * ms
+        self.queued: list[tuple[float, ...]] = []  # (x..., ms) of steps not yet folded into the sums
         self.steps = self.outliers = 0
-        self.stale = False  # whether steps were observed since the last solve
 
     @property
     def theta(self) -> np.ndarray:
-        if self.stale:
+        if self.queued:
             self._refit()
         return self._theta
 
     def _refit(self) -> None:
-        self._theta, self.stale = np.linalg.solve(self.xx + self.RIDGE, self.xy), False
+        """Fold the queued steps into the sums, oldest first (each step forgets the ones before it),
+        and solve."""
+        rows = np.array(self.queued)
+        x, ms = rows[:, :4], rows[:, 4]
+        weights = self.FORGET ** np.arange(len(rows) - 1, -1, -1.0)
+        self.xx = self.FORGET ** len(rows) * self.xx + (x.T * weights) @ x
+        self.xy = self.FORGET ** len(rows) * self.xy + (x.T * weights) @ ms
+        self.queued = []
+        self._theta = np.linalg.solve(self.xx + self.RIDGE, self.xy)
+        self._theta_tuple = tuple(self._theta.tolist())
 
     def observe(self, verified: int, drafted: int, verifying: bool, seconds: float) -> None:
-        x = np.array([1.0, verified + drafted, float(drafted > 0), float(verifying)]) * self.SCALE
+        x = (1.0, (verified + drafted) * self.SCALE[1], float(drafted > 0), float(verifying))
+        ms = seconds * 1e3
         # A fit up to REFIT_EVERY steps old tells a 3x outlier as well as a fresh one.
-        outlier = self.steps >= WARMUP_STEPS and seconds * 1e3 > 3 * max(x @ self._theta, 1e-3)
+        predicted = sum(f * t for f, t in zip(x, self._theta_tuple))
+        outlier = self.steps >= WARMUP_STEPS and ms > 3 * max(predicted, 1e-3)
         self.outliers = self.outliers + 1 if outlier else 0
         if 0 < self.outliers <= 2:
             return  # one-time set-up (kernels for a new shape), unless it persists: then the machine changed
-        self.xx = self.FORGET * self.xx + np.outer(x, x)
-        self.xy = self.FORGET * self.xy + x * seconds * 1e3  # in milliseconds
+        self.queued.append((*x, ms))
         self.steps += 1
-        self.stale = True
-        if self.steps % self.REFIT_EVERY == 0:
+        if len(self.queued) >= self.REFIT_EVERY:
             self._refit()
 
     def coefficients(self) -> tuple[float, float, float]:
         """(a, b, d + e): ms, ms per token, and the fixed cost per step of drafting, clipped at 0: a fit
         to noise must not make tokens free."""
-        a, b, d, e = np.maximum(self.theta * self.SCALE, 0.0)
+        a, b, d, e = np.maximum(self.theta * self.SCALE, 0.0).tolist()
         return max(a, 1e-3), max(b, 1e-6), d + e
 
 
@@ -280,7 +293,8 @@ class SizeClass:
         for mode, speedup in speedups.items():
             if mode == self.mode:
                 continue
-            spacing = 0.0 if speedup is None else np.clip(abs(lead - speedup) / lead / PROBE_BUDGET, *PROBE_SPACING)
+            spacing = 0.0 if speedup is None else min(max(abs(lead - speedup) / lead / PROBE_BUDGET, PROBE_SPACING[0]),
+                                                      PROBE_SPACING[1])
             if self.ms_since[mode] >= spacing * (PROBE_STEPS + 1) * self.ms[mode]:  # + 1: switching back
                 self.probe = (mode, PROBE_STEPS - 1)
                 return mode
@@ -337,31 +351,33 @@ class AutoK:
         size = self._class(n, any_sampled) if n else None
         mode, expected = PLAIN, float(n)
         warmup = self.warmup[any_sampled]
+        # Plain lists, not arrays: after a forward the caches are cold, and each numpy call then costs
+        # several microseconds (a plain step's plan was 81 us in the engine, 15 us in a loop of its own).
         if size is None:
-            counts = np.zeros(0, dtype=np.int64)
+            counts = []
         elif size.cost.steps < len(warmup):
-            counts = np.full(n, warmup[size.cost.steps])
-            mode = DRAFTING if counts.any() else PLAIN
-            expected = self.acceptance.expected_tokens(req_ids, sampled)[:, counts[0]].sum()
+            counts = [warmup[size.cost.steps]] * n
+            mode = DRAFTING if counts[0] else PLAIN
+            expected = float(self.acceptance.expected_tokens(req_ids, sampled)[:, counts[0]].sum())
         else:
             mode = size.next_mode()
             if mode == LOOKUP:
-                counts = np.full(n, self.k_max)  # rows with a lookup match take up to K; the rest none
+                counts = [self.k_max] * n  # rows with a lookup match take up to K; the rest none
             elif mode == DRAFTING:
                 if (self.drafting_plan is None or self.drafting_plan[0] != req_ids
                         or self.decisions >= self.drafting_plan[1]):
                     tokens = self.acceptance.expected_tokens(req_ids, sampled)
                     drafts, _ = best_drafting_plan(tokens, size.cost.coefficients(), base_tokens)
-                    self.drafting_plan = (req_ids, self.decisions + REPLAN_EVERY, drafts,
-                                          tokens[np.arange(n), drafts].sum())
+                    self.drafting_plan = (req_ids, self.decisions + REPLAN_EVERY, drafts.tolist(),
+                                          float(tokens[np.arange(n), drafts].sum()))
                 _, _, counts, expected = self.drafting_plan
             else:
-                counts = np.zeros(n, dtype=np.int64)
-        draft_pass_tokens = 0 if mode == LOOKUP else int(counts.max(initial=0)) * int((counts > 0).sum())
+                counts = [0] * n
+        draft_pass_tokens = 0 if mode == LOOKUP else max(counts, default=0) * sum(k > 0 for k in counts)
         self.last = (now, req_ids, any_sampled, base_tokens == n, verified_tokens, draft_pass_tokens,
                      verified_tokens > base_tokens, mode, self.mode, self.expected)
         self.mode, self.expected = mode, expected
-        return counts.tolist()
+        return list(counts)
 
     def _class(self, num_requests: int, sampled: bool) -> SizeClass:
         """The state for batches of about this size, greedy or sampling. One line cannot fit step time

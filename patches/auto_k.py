@@ -15,7 +15,7 @@ requests sample, from their sampling params):
 - under async scheduling each request's placeholders are cut to its own k, so the next step
   verifies only those (without async, the workers hand back exactly k drafts per request).
 Each request's drafted and accepted counts reach `AutoK` through `make_spec_decoding_stats`, which
-`update_from_output` calls per request.
+`update_from_output` calls per request, with whether they were lookup drafts (`patches/draft_kinds.py`).
 The scheduler keeps each step's width as `_sdsat_width` (for every sdsat engine), which
 `patches/plain_steps.py` reads. vLLM turns dynamic K off for data parallelism, and so does
 this hook (it runs only where the scheduler has a dynamic-K lookup).
@@ -25,6 +25,7 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_sdsat.engine.auto_k import AutoK
+from vllm_sdsat.patches.draft_kinds import lookup_req_ids
 from vllm_sdsat.patches.speculative_config import is_sdsat, resolved_block
 
 NUM_DRAFTS = "sdsat_num_drafts"  # SchedulerOutput attributes read by patches/draft_pass.py
@@ -77,7 +78,8 @@ def make_spec_decoding_stats(self: Scheduler, spec_decoding_stats, num_draft_tok
     auto = _controller(self)
     if auto is not None and num_draft_tokens:
         request = self.requests.get(request_id)
-        auto.observe_drafts(request_id, num_draft_tokens, num_accepted_tokens, request is not None and _samples(request))
+        auto.observe_drafts(request_id, num_draft_tokens, num_accepted_tokens, request is not None and _samples(request),
+                            lookup=request_id in lookup_req_ids(self))
     return _original_stats(self, spec_decoding_stats, num_draft_tokens, num_accepted_tokens,
                            num_invalid_spec_tokens, request_id)
 

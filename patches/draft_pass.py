@@ -46,6 +46,7 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm_sdsat.config import SdsatConfigError
 from vllm_sdsat.engine.draft_sampling import one_hot_probs
 from vllm_sdsat.patches.auto_k import LOOKUP_ONLY, NUM_DRAFTS
+from vllm_sdsat.patches.draft_kinds import LOOKUP_REQ_IDS
 
 _original_bookkeeping = GPUModelRunner._bookkeeping_sync
 _original_propose = GPUModelRunner.propose_draft_token_ids
@@ -218,6 +219,7 @@ def propose_draft_token_ids(self: GPUModelRunner, scheduler_output, sampled_toke
     drafting = list(range(len(req_ids))) if rows is None else rows.tolist()
     width = drafts.shape[1]
     if hybrid:
+        setattr(self, LOOKUP_REQ_IDS, frozenset(req_ids[i] for i in lookup))  # for the scheduler: patches/draft_kinds.py
         made = {req_ids[i]: ("adaptive", min(adaptive[i], width)) for i in drafting}
         made.update((req_ids[i], ("lookup", len(d))) for i, d in lookup.items())
         drafter.stats.drafted(made, draft_pass=width > 0)

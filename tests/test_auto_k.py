@@ -86,6 +86,19 @@ def test_choice_is_close_to_the_best_by_brute_force(seed):
     assert rate(expected, chosen, cost, n) >= 0.97 * best
 
 
+def test_lookup_drafts_count_as_tokens_but_do_not_price_adaptive_drafts():
+    """Hybrid engines: a request's lookup drafts (accepted far more often where the text repeats) must not
+    raise the acceptance that sets how many adaptive drafts it gets; they still count as tokens made."""
+    auto = AutoK(K)
+    auto.observe_drafts("r", K, 1)
+    before = auto.acceptance.expected_tokens(["r"])
+    auto.accepted = 0
+    for _ in range(20):
+        auto.observe_drafts("r", K, K, lookup=True)
+    assert np.array_equal(auto.acceptance.expected_tokens(["r"]), before)
+    assert auto.accepted == 20 * K
+
+
 def test_step_cost_fit_recovers_the_machine():
     rng = np.random.default_rng(0)
     # ms, ms per token (verified or drafted), ms per draft pass, ms per step that verifies drafts

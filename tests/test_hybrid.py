@@ -134,18 +134,26 @@ from test_vllm import make_llm
 original = auto_k.AutoK.plan
 auto_k.AutoK.plan = lambda self, *args: setattr(self, "warmup", {False: (), True: ()}) or original(self, *args)
 auto_k.SizeClass.next_mode = lambda self: auto_k.LOOKUP
+observed = {"lookup": 0, "adaptive": 0}  # verified drafts as the scheduler's automatic K is told of them
+observe = auto_k.AutoK.observe_drafts
+def counting(self, req_id, num_drafts, num_accepted, sampled=False, lookup=False):
+    observed["lookup" if lookup else "adaptive"] += 1
+    return observe(self, req_id, num_drafts, num_accepted, sampled, lookup)
+auto_k.AutoK.observe_drafts = counting
 llm = make_llm(HYBRID, async_scheduling=False)
 llm.collective_rpc(count_draft_forwards)
 outs = llm.generate(MIXED, GREEDY, use_tqdm=False)
 print("RESULT " + json.dumps({"outputs": [list(o.outputs[0].token_ids) for o in outs],
                               "calls": llm.collective_rpc(draft_forwards)[0],
-                              "stats": llm.collective_rpc(draft_stats)[0]}))
+                              "stats": llm.collective_rpc(draft_stats)[0], "observed": observed}))
 """
 
 
 def test_lookup_mode_of_automatic_k_drafts_lookups_alone(plain_outputs):
     """Automatic K's lookup mode: rows with a lookup match take it, the others draft nothing, the
-    draft pass never runs, and the output is plain vLLM's."""
+    draft pass never runs, and the output is plain vLLM's. The scheduler is told that the drafts it
+    verifies are lookup drafts (from the worker process, with the drafts), so they do not count towards
+    the acceptance that prices adaptive drafts."""
     done = subprocess.run([sys.executable, "-c", LOOKUP_MODE_RUN], cwd=REPO, capture_output=True, text=True,
                           timeout=600)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -156,6 +164,7 @@ def test_lookup_mode_of_automatic_k_drafts_lookups_alone(plain_outputs):
     stats = result["stats"]
     assert stats["kinds"]["lookup"]["verified"] > 0 and stats["kinds"]["adaptive"]["drafts"] == 0, stats
     assert result["calls"] == 0 and stats["draft_passes"] == 0
+    assert result["observed"]["lookup"] > 0 and result["observed"]["adaptive"] == 0, result["observed"]
 
 
 # Lookup fires on the prompt's own earlier docstring, whose text the target often does not follow at

@@ -21,9 +21,10 @@ learnt of greedy batches says little about sampled ones, so each regime learns i
 
    p_r(i) is request r's acceptance rate at draft position i, given the drafts before it were accepted,
    smoothed towards the rate of all requests of its kind (greedy or sampling) at i (a new request takes
-   theirs), so a T = 1.0 request and a greedy one in the same batch get different k. T is a least-squares fit over recent steps,
-   timed by the scheduler's own clock. The draft pass is as wide as the largest k_r, and requests with
-   k_r = 0 skip it.
+   theirs), so a T = 1.0 request and a greedy one in the same batch get different k. It counts adaptive
+   drafts only: in hybrid engines a row with a lookup match takes its lookup draft (up to K) whatever k_r
+   is, so k_r prices the adaptive draft. T is a least-squares fit over recent steps, timed by the
+   scheduler's own clock. The draft pass is as wide as the largest k_r, and requests with k_r = 0 skip it.
 
 The model alone once decided question 1 too, and in vLLM it was wrong both ways (drafting at batch 16
 where that lost 10%, plain at batch 1 greedy on half the steps): a step's fixed costs are not
@@ -332,8 +333,12 @@ class AutoK:
         """Whether the last plan's drafts are lookup drafts alone (rows without a match draft nothing)."""
         return self.mode == LOOKUP
 
-    def observe_drafts(self, req_id: str, num_drafts: int, num_accepted: int, sampled: bool = False) -> None:
-        self.acceptance.observe(req_id, num_drafts, num_accepted, sampled)
+    def observe_drafts(self, req_id: str, num_drafts: int, num_accepted: int, sampled: bool = False,
+                       lookup: bool = False) -> None:
+        """One request's verified drafts. Lookup drafts count as tokens made, but not towards the acceptance
+        that prices adaptive drafts: where the text repeats they are accepted twice as often."""
+        if not lookup:
+            self.acceptance.observe(req_id, num_drafts, num_accepted, sampled)
         self.accepted += min(num_accepted, num_drafts)
 
     def plan(self, req_ids: list[str], verified_tokens: int, base_tokens: int,

@@ -113,6 +113,15 @@ def test_step_cost_fit_recovers_the_machine():
     assert np.allclose(fit.coefficients(), [5.0, 0.2, 4.0], rtol=0.15, atol=0.3)  # drafting pays both fixed costs
 
 
+def test_step_cost_fit_keeps_steps_that_follow_the_warm_up():
+    """Steps are checked against the fit for 3x outliers from the warm-up's end on: that fit must exist
+    by then (a fit of zeros took every step for an outlier and dropped two)."""
+    fit = StepCost()
+    for _ in range(12):
+        fit.observe(1, 0, False, 2.2e-3)
+    assert fit.steps == 12 and fit.outliers == 0
+
+
 def test_step_cost_fit_holds_where_features_never_vary():
     """Batch 1's plain steps: one token count, never a draft pass, thousands of steps. The fit must stay
     at the time measured (recursive least squares with forgetting winds up here and drifts away)."""

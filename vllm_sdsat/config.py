@@ -25,7 +25,9 @@ from pathlib import Path
 MAX_SPECULATIVE_TOKENS = 16
 LOOKUPS = ("none", "ngram", "suffix")
 LOOKUP_KEYS = ("lookup", "prompt_lookup_min", "prompt_lookup_max")
-DEFAULT_LOOKUP_MIN, DEFAULT_LOOKUP_MAX = 3, 5  # n-gram lengths that make a match "long enough"
+# n-gram lengths that make a match "long enough": against 3..5, 2..5 was 5-7% faster at concurrency 1 greedy
+# in three interleaved runs and level at 64 in two (docs/benchmarks.md, examples/compare_engines.py)
+DEFAULT_LOOKUP_MIN, DEFAULT_LOOKUP_MAX = 2, 5
 
 
 class SdsatConfigError(ValueError):

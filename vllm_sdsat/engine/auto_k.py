@@ -181,7 +181,7 @@ class StepCost:
             return  # one-time set-up (kernels for a new shape), unless it persists: then the machine changed
         self.queued.append((*x, ms))
         self.steps += 1
-        if len(self.queued) >= self.REFIT_EVERY:
+        if len(self.queued) >= self.REFIT_EVERY or self.steps == WARMUP_STEPS:  # a fit for the outlier check
             self._refit()
 
     def coefficients(self) -> tuple[float, float, float]:

@@ -219,7 +219,7 @@ def propose_draft_token_ids(self: GPUModelRunner, scheduler_output, sampled_toke
     drafting = list(range(len(req_ids))) if rows is None else rows.tolist()
     width = drafts.shape[1]
     if hybrid:
-        setattr(self, LOOKUP_REQ_IDS, frozenset(req_ids[i] for i in lookup))  # for the scheduler: patches/draft_kinds.py
+        setattr(self, LOOKUP_REQ_IDS, frozenset(req_ids[i] for i in lookup))  # read by patches/draft_kinds.py
         made = {req_ids[i]: ("adaptive", min(adaptive[i], width)) for i in drafting}
         made.update((req_ids[i], ("lookup", len(d))) for i, d in lookup.items())
         drafter.stats.drafted(made, draft_pass=width > 0)

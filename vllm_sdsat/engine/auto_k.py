@@ -135,9 +135,10 @@ class StepCost:
     being charged to the tokens.
 
     The fit solves the forgotten normal equations with a small ridge (when read, or every REFIT_EVERY
-    steps, folding in the steps queued since), rather than updating recursively: where some feature never varies (batch 1 has one token count; plain steps never
-    draft), recursive least squares with forgetting winds up its covariance and, thousands of steps
-    on, drifts (measured: a plain step fitted at 4.7 ms against 2.2 ms timed)."""
+    steps, folding in the steps queued since), rather than updating recursively: where some feature
+    never varies (batch 1 has one token count; plain steps never draft), recursive least squares with
+    forgetting winds up its covariance and, thousands of steps on, drifts (measured: a plain step
+    fitted at 4.7 ms against 2.2 ms timed)."""
 
     FORGET = 0.98
     RIDGE = 1e-3 * np.eye(4)
@@ -146,8 +147,7 @@ class StepCost:
     #                   with cold caches, most of automatic K's cost on a plain step when it ran every 8
 
     def __init__(self):
-        self._theta = np.zeros(4)
-        self._theta_tuple = (0.0,) * 4  # for the per-step outlier check, in plain floats
+        self._theta = (0.0,) * 4  # plain floats: the per-step outlier check reads them
         self.xx, self.xy = np.zeros((4, 4)), np.zeros(4)  # forgotten sums of x x^T and x * ms
         self.queued: list[tuple[float, ...]] = []  # (x..., ms) of steps not yet folded into the sums
         self.steps = self.outliers = 0
@@ -156,7 +156,7 @@ class StepCost:
     def theta(self) -> np.ndarray:
         if self.queued:
             self._refit()
-        return self._theta
+        return np.array(self._theta)
 
     def _refit(self) -> None:
         """Fold the queued steps into the sums, oldest first (each step forgets the ones before it),
@@ -167,14 +167,13 @@ class StepCost:
         self.xx = self.FORGET ** len(rows) * self.xx + (x.T * weights) @ x
         self.xy = self.FORGET ** len(rows) * self.xy + (x.T * weights) @ ms
         self.queued = []
-        self._theta = np.linalg.solve(self.xx + self.RIDGE, self.xy)
-        self._theta_tuple = tuple(self._theta.tolist())
+        self._theta = tuple(np.linalg.solve(self.xx + self.RIDGE, self.xy).tolist())
 
     def observe(self, verified: int, drafted: int, verifying: bool, seconds: float) -> None:
         x = (1.0, (verified + drafted) * self.SCALE[1], float(drafted > 0), float(verifying))
         ms = seconds * 1e3
         # A fit up to REFIT_EVERY steps old tells a 3x outlier as well as a fresh one.
-        predicted = sum(f * t for f, t in zip(x, self._theta_tuple))
+        predicted = sum(f * t for f, t in zip(x, self._theta))
         outlier = self.steps >= WARMUP_STEPS and ms > 3 * max(predicted, 1e-3)
         self.outliers = self.outliers + 1 if outlier else 0
         if 0 < self.outliers <= 2:

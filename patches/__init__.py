@@ -26,11 +26,11 @@ def apply_all() -> None:
     tests use to show that a bug-fix hook is needed."""
     check_vllm_version()
     from vllm_sdsat.patches import (async_scheduling, auto_k, cli_flags, cpu_expand_tokens, draft_kinds,
-                                    draft_pass, empty_top_k, lookahead_slots, placeholder_drafts, plain_steps,
-                                    profile_run, ray_cpu, speculative_config)
+                                    draft_pass, empty_top_k, lookahead_slots, one_call_steps, placeholder_drafts,
+                                    plain_steps, profile_run, ray_cpu, speculative_config)
 
     skip = set(filter(None, os.environ.get("VLLM_SDSAT_SKIP_PATCHES", "").split(",")))
     for hook in (speculative_config, async_scheduling, auto_k, cli_flags, lookahead_slots, draft_pass, draft_kinds,
-                 empty_top_k, cpu_expand_tokens, placeholder_drafts, plain_steps, profile_run, ray_cpu):
+                 empty_top_k, cpu_expand_tokens, placeholder_drafts, plain_steps, one_call_steps, profile_run, ray_cpu):
         if hook.__name__.rsplit(".", 1)[-1] not in skip:
             hook.apply()

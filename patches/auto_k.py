@@ -11,13 +11,13 @@ draft. After each `schedule`, `AutoK` picks each scheduled request's drafts for 
 requests sample, from their sampling params):
 - the scheduler output carries them to the workers as `sdsat_num_drafts` (request id -> k), and
   `num_spec_tokens_to_schedule` becomes their maximum, the width of the draft pass; in hybrid engines
-  `sdsat_lookup_only` says the step takes lookup drafts alone (no draft pass);
+  `sdsat_lookup_only` says the step takes lookup drafts alone (no draft pass), and `sdsat_takes_lookup`
+  whether rows with a lookup match take it (automatic K's lookup and hybrid modes) or adaptive drafts;
 - under async scheduling each request's placeholders are cut to its own k, so the next step
   verifies only those (without async, the workers hand back exactly k drafts per request).
 Each request's drafted and accepted counts reach `AutoK` through `make_spec_decoding_stats`, which
 `update_from_output` calls per request, with whether they were lookup drafts (`patches/draft_kinds.py`).
-The scheduler keeps each step's width as `_sdsat_width` (for every sdsat engine), which
-`patches/plain_steps.py` reads. vLLM turns dynamic K off for data parallelism, and so does
+vLLM turns dynamic K off for data parallelism, and so does
 this hook (it runs only where the scheduler has a dynamic-K lookup).
 """
 from vllm.sampling_params import SamplingType
@@ -30,6 +30,7 @@ from vllm_sdsat.patches.speculative_config import is_sdsat, resolved_block
 
 NUM_DRAFTS = "sdsat_num_drafts"  # SchedulerOutput attributes read by patches/draft_pass.py
 LOOKUP_ONLY = "sdsat_lookup_only"  # hybrid engines: this step's drafts are lookup drafts alone
+TAKES_LOOKUP = "sdsat_takes_lookup"  # hybrid engines: rows with a lookup match take it this step
 _FORGET_EVERY = 256  # steps between dropping the acceptance history of finished requests
 _original_schedule = Scheduler.schedule
 _original_stats = Scheduler.make_spec_decoding_stats
@@ -54,8 +55,6 @@ def schedule(self: Scheduler, *args, **kwargs):
     output = _original_schedule(self, *args, **kwargs)
     auto = _controller(self)
     if auto is None:
-        if is_sdsat(self.vllm_config.speculative_config):
-            self._sdsat_width = output.num_spec_tokens_to_schedule
         return output
     req_ids = [r for r in output.num_scheduled_tokens if not self.requests[r].is_prefill_chunk]
     num_spec = sum(len(t) for t in output.scheduled_spec_decode_tokens.values())
@@ -64,7 +63,8 @@ def schedule(self: Scheduler, *args, **kwargs):
                                          [_samples(self.requests[r]) for r in req_ids])))
     setattr(output, NUM_DRAFTS, counts)
     setattr(output, LOOKUP_ONLY, auto.lookup_only)
-    output.num_spec_tokens_to_schedule = self._sdsat_width = max(counts.values(), default=0)
+    setattr(output, TAKES_LOOKUP, auto.takes_lookup)
+    output.num_spec_tokens_to_schedule = max(counts.values(), default=0)
     if isinstance(self, AsyncScheduler):
         for req_id, k in counts.items():
             self.requests[req_id].spec_token_ids = [-1] * k

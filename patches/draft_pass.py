@@ -45,7 +45,7 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vllm_sdsat.config import SdsatConfigError
 from vllm_sdsat.engine.draft_sampling import one_hot_probs
-from vllm_sdsat.patches.auto_k import LOOKUP_ONLY, NUM_DRAFTS
+from vllm_sdsat.patches.auto_k import LOOKUP_ONLY, NUM_DRAFTS, TAKES_LOOKUP
 from vllm_sdsat.patches.draft_kinds import LOOKUP_REQ_IDS
 
 _original_bookkeeping = GPUModelRunner._bookkeeping_sync
@@ -211,7 +211,9 @@ def propose_draft_token_ids(self: GPUModelRunner, scheduler_output, sampled_toke
     self._draft_probs = self._draft_prob_req_ids = None
     if not self.use_async_scheduling and not any(num_drafts):  # nothing to draft: hand back no drafts
         return [[] for _ in req_ids]
-    lookup = _lookup_drafts(self, num_drafts, sampled_token_ids) if hybrid else {}
+    # Automatic K's drafting mode takes adaptive drafts alone (set per step; a fixed K always looks up).
+    takes_lookup = hybrid and getattr(scheduler_output, TAKES_LOOKUP, True)
+    lookup = _lookup_drafts(self, num_drafts, sampled_token_ids) if takes_lookup else {}
     lookup_only = getattr(scheduler_output, LOOKUP_ONLY, False)  # automatic K's lookup mode: no draft pass
     adaptive = [0 if i in lookup or lookup_only else k for i, k in enumerate(num_drafts)]
     rows, drafts, probs = drafter.propose_from_target(target, common_attn_metadata, spec_decode_metadata,

@@ -1,7 +1,7 @@
 """Hook: a step with no drafts to verify and none to make runs as a plain decoding step.
 
 Written against vLLM 0.32 (`GPUModelRunner.execute_model` and `sample_tokens`,
-`v1/worker/gpu_model_runner.py`; `EngineCore.post_step`, `v1/engine/core.py`).
+`v1/worker/gpu_model_runner.py`).
 
 With speculative decoding on, vLLM treats every step as speculative: it builds spec-decode metadata
 and runs the rejection sampler even when no request has drafts, and the engine core asks the workers
@@ -9,18 +9,16 @@ for drafts after every step. With automatic K or a batch-size schedule, SDSAT ha
 width 0, and these cost 2.5 ms against 1.9 ms for a plain engine's step (batch 1, docs/performance.md).
 Without async scheduling, a step that verifies no drafts and drafts none now runs vLLM's plain path:
 the runner's speculative config is hidden for that step (plain sampler, no spec metadata, no draft
-proposal), and the engine core skips its round trip for drafts (the scheduler's width of the step,
-recorded by `patches/auto_k.py`, is 0). Under async scheduling every step keeps the speculative path,
+proposal); its output tells the engine core that there are no drafts (`patches/one_call_steps.py`), so
+no call for them follows. Under async scheduling every step keeps the speculative path,
 whose placeholders and valid-count hand-over the next step reads.
 """
-from vllm.v1.engine.core import EngineCore
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vllm_sdsat.patches.draft_pass import sdsat_target
 
 _original_execute = GPUModelRunner.execute_model
 _original_sample = GPUModelRunner.sample_tokens
-_original_post_step = EngineCore.post_step
 _HIDDEN = "_sdsat_hidden_speculative_config"  # set between a plain step's execute_model and sample_tokens
 
 
@@ -53,13 +51,6 @@ def sample_tokens(self: GPUModelRunner, *args, **kwargs):
             self.speculative_config = spec
 
 
-def post_step(self: EngineCore, model_executed: bool) -> None:
-    if getattr(self.scheduler, "_sdsat_width", None) == 0:  # set only for sdsat engines
-        return
-    _original_post_step(self, model_executed)
-
-
 def apply() -> None:
     GPUModelRunner.execute_model = execute_model
     GPUModelRunner.sample_tokens = sample_tokens
-    EngineCore.post_step = post_step

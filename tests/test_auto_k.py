@@ -146,10 +146,13 @@ def test_a_class_without_timed_plain_steps_times_some_before_drafting():
 class Machine:
     """A fake engine: step time from given coefficients [a, b, d] (ms, per token, per draft pass) or a
     function of (verified, drafted, verifying), every draft of every request accepted with probability
-    `accept`, the clock advanced by each step's cost."""
+    `accept`, the clock advanced by each step's cost. With `lookup_accept` (a hybrid engine) the first
+    `matched` requests have a lookup match: they take K lookup drafts, accepted with that probability,
+    where the plan's mode takes lookup drafts, and skip the draft pass."""
 
-    def __init__(self, cost, accept, n=4, seed=0, lookup_accept=None, sampled=False):
+    def __init__(self, cost, accept, n=4, seed=0, lookup_accept=None, sampled=False, matched=None):
         self.cost, self.accept, self.n, self.lookup_accept = cost, accept, n, lookup_accept
+        self.matched = n if matched is None else matched
         self.sampled = sampled  # whether the requests sample (a batch of one kind)
         self.rng = np.random.default_rng(seed)
         self.now = 0.0
@@ -163,23 +166,26 @@ class Machine:
 
     def run(self, steps: int) -> list[list[int]]:
         req_ids = [f"r{i}" for i in range(self.n)]
-        drafts = [0] * self.n
+        drafts, lookup = [0] * self.n, [False] * self.n
         plans = []
-        accept = self.accept
         for _ in range(steps):  # as in vLLM: schedule (and plan), run the step, then report its acceptance
             verified = self.n + sum(drafts)  # this step verifies the last plan's drafts
             plan = self.auto.plan(req_ids, verified, self.n, sampled=[self.sampled] * self.n)
             plans.append(plan)
-            draft_pass = 0 if self.auto.lookup_only else max(plan) * sum(k > 0 for k in plan)
+            takes_lookup = self.lookup_accept is not None and self.auto.takes_lookup
+            adaptive = [0 if (takes_lookup and i < self.matched) or self.auto.lookup_only else k
+                        for i, k in enumerate(plan)]
+            draft_pass = max(adaptive) * sum(k > 0 for k in adaptive)
             self.now += self.step_ms(verified, draft_pass, any(drafts)) / 1e3
             self.tokens += self.n
-            for r, k in zip(req_ids, drafts):
+            for r, k, looked_up in zip(req_ids, drafts, lookup):
                 if k:
-                    trials = self.rng.random(k) < accept  # accepted up to the first rejection
-                    accepted = k if trials.all() else int(np.argmin(trials))
-                    self.auto.observe_drafts(r, k, accepted, self.sampled)
+                    trials = self.rng.random(k) < (self.lookup_accept if looked_up else self.accept)
+                    accepted = k if trials.all() else int(np.argmin(trials))  # up to the first rejection
+                    self.auto.observe_drafts(r, k, accepted, self.sampled, lookup=looked_up)
                     self.tokens += accepted
-            drafts, accept = plan, self.lookup_accept if self.auto.lookup_only else self.accept
+            lookup = [bool(k) and takes_lookup and i < self.matched for i, k in enumerate(plan)]
+            drafts = [K if looked_up else k for k, looked_up in zip(adaptive, lookup)]
         return plans
 
     def rate(self, steps: int) -> float:
@@ -259,6 +265,18 @@ def test_hybrid_auto_k_takes_lookup_drafts_alone_where_they_pay_and_adaptive_one
     plain_rate = 4 / (1.0 + 0.2 * 4)
     assert machine.rate(1000) >= 1.35 * plain_rate
     assert machine.auto.classes[3, False].mode == "lookup"
+
+
+def test_hybrid_auto_k_leaves_lookup_drafts_that_are_not_accepted():
+    """Half the rows have a lookup match, but their lookup drafts are accepted at 0.05 (sampling at
+    T = 1.0 does that); adaptive drafts at 0.8, worth drafting. The rows with a match then take adaptive
+    drafts too: the drafting mode, measured faster than the hybrid one."""
+    machine = Machine(cost=[2.0, 0.05, 1.0], accept=0.8, lookup_accept=0.05, matched=2)
+    machine.run(600)
+    modes, plan = [], machine.auto.plan
+    machine.auto.plan = lambda *args, **kwargs: (plan(*args, **kwargs), modes.append(machine.auto.mode))[0]
+    machine.run(400)
+    assert modes.count(DRAFTING) >= 0.9 * len(modes), {m: modes.count(m) for m in set(modes)}
 
 
 def test_auto_k_fits_each_batch_size_on_its_own():

@@ -112,19 +112,21 @@ def test_greedy_mixed_rows_equal_plain(plain_outputs, hybrid_llm):
 
 
 def test_lookup_only_batch_runs_no_draft_pass(plain_outputs, hybrid_llm):
-    """A batch whose every drafting row has a lookup draft skips the draft pass, step after step."""
+    """A batch whose every drafting row has a lookup draft skips the draft pass, step after step: only
+    the steps of automatic K's drafting mode (its warm-up and probes), where rows take adaptive drafts
+    whatever their match, run one."""
     hybrid_llm.collective_rpc(count_draft_forwards)
     outs = hybrid_llm.generate([REPEATING] * 4, SamplingParams(max_tokens=64, temperature=0), use_tqdm=False)
     (calls, *_), (stats, *_) = hybrid_llm.collective_rpc(draft_forwards), hybrid_llm.collective_rpc(draft_stats)
     assert all(list(o.outputs[0].token_ids) == plain_outputs[0][:64] for o in outs)
-    assert stats["kinds"]["lookup"]["drafts"] > 0 and stats["kinds"]["adaptive"]["drafts"] == 0, stats
-    assert calls == 0 and stats["draft_passes"] == 0
+    assert stats["steps"]["lookup"] > 0 and stats["steps"]["mixed"] == 0, stats
+    assert calls == stats["draft_passes"] == stats["steps"]["adaptive"]
 
 
-# Automatic K's lookup mode forced on every step (no warm-up), in a process of its own: the scheduler has
+# One of automatic K's modes forced on every step (no warm-up), in a process of its own: the scheduler has
 # to be in the process that patches it, and a hybrid engine there leaves numba's objects where vLLM's CPU
 # platform scans for kernels when the next in-process engine of this test session starts.
-LOOKUP_MODE_RUN = """
+FORCED_MODE_RUN = """
 import json, os, sys
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 sys.path.insert(0, "tests")
@@ -133,7 +135,7 @@ from test_hybrid import GREEDY, HYBRID, MIXED, count_draft_forwards, draft_forwa
 from test_vllm import make_llm
 original = auto_k.AutoK.plan
 auto_k.AutoK.plan = lambda self, *args: setattr(self, "warmup", {False: (), True: ()}) or original(self, *args)
-auto_k.SizeClass.next_mode = lambda self: auto_k.LOOKUP
+auto_k.SizeClass.next_mode = lambda self: auto_k.{mode}
 observed = {"lookup": 0, "adaptive": 0}  # verified drafts as the scheduler's automatic K is told of them
 observe = auto_k.AutoK.observe_drafts
 def counting(self, req_id, num_drafts, num_accepted, sampled=False, lookup=False):
@@ -154,17 +156,32 @@ def test_lookup_mode_of_automatic_k_drafts_lookups_alone(plain_outputs):
     draft pass never runs, and the output is plain vLLM's. The scheduler is told that the drafts it
     verifies are lookup drafts (from the worker process, with the drafts), so they do not count towards
     the acceptance that prices adaptive drafts."""
-    done = subprocess.run([sys.executable, "-c", LOOKUP_MODE_RUN], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
+    result = run_forced_mode("LOOKUP", plain_outputs)
+    stats = result["stats"]
+    assert stats["kinds"]["lookup"]["verified"] > 0 and stats["kinds"]["adaptive"]["drafts"] == 0, stats
+    assert result["calls"] == 0 and stats["draft_passes"] == 0
+    assert result["observed"]["lookup"] > 0 and result["observed"]["adaptive"] == 0, result["observed"]
+
+
+def test_drafting_mode_of_automatic_k_takes_no_lookup_drafts(plain_outputs):
+    """Automatic K's drafting mode in a hybrid engine: rows with a lookup match take adaptive drafts too
+    (where lookup drafts are not accepted, as when sampling at T = 1.0, this mode wins)."""
+    result = run_forced_mode("DRAFTING", plain_outputs)
+    stats = result["stats"]
+    assert stats["kinds"]["adaptive"]["verified"] > 0 and stats["kinds"]["lookup"]["drafts"] == 0, stats
+    assert result["observed"]["adaptive"] > 0 and result["observed"]["lookup"] == 0, result["observed"]
+
+
+def run_forced_mode(mode: str, plain_outputs) -> dict:
+    """A hybrid engine with automatic K held in one mode, on MIXED: its outputs must be plain vLLM's."""
+    done = subprocess.run([sys.executable, "-c", FORCED_MODE_RUN.replace("{mode}", mode)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stderr[-3000:]
     result = json.loads(lines[-1].removeprefix("RESULT "))
     mismatched = [i for i, (o, e) in enumerate(zip(result["outputs"], plain_outputs)) if o != e]
     assert not mismatched, f"prompts {mismatched} differ from decoding without speculation"
-    stats = result["stats"]
-    assert stats["kinds"]["lookup"]["verified"] > 0 and stats["kinds"]["adaptive"]["drafts"] == 0, stats
-    assert result["calls"] == 0 and stats["draft_passes"] == 0
-    assert result["observed"]["lookup"] > 0 and result["observed"]["adaptive"] == 0, result["observed"]
+    return result
 
 
 # Lookup fires on the prompt's own earlier docstring, whose text the target often does not follow at

@@ -227,13 +227,14 @@ def test_auto_k_is_the_default_and_exact(plain_greedy, monkeypatch):
 @pytest.mark.parametrize("async_scheduling", [True, False])
 def test_batch_size_schedule(plain_greedy, monkeypatch, async_scheduling):
     """vLLM's num_speculative_tokens_per_batch_size with sdsat: K = 0 while more than 8 requests run
-    (plain steps: no drafts to verify, and, without async scheduling, vLLM's plain path with no round
-    trip for drafts after them), K = 4 below, as requests of different lengths finish."""
+    (plain steps: no drafts to verify, and, without async scheduling, vLLM's plain path), K = 4 below,
+    as requests of different lengths finish. Without async scheduling a step is one call to the workers
+    (patches/one_call_steps.py): the engine core never calls them to sample or for drafts, which come
+    with each step's output."""
     from vllm.v1.core.sched.scheduler import Scheduler
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     steps, original = [], Scheduler.schedule
-    takes, original_take = [], GPUModelRunner.take_draft_token_ids
+    updates, original_update = [], Scheduler.update_draft_token_ids
 
     def schedule(self, *args, **kwargs):  # (batch size, drafts verified, draft width) per step
         out = original(self, *args, **kwargs)
@@ -242,23 +243,55 @@ def test_batch_size_schedule(plain_greedy, monkeypatch, async_scheduling):
         return out
 
     monkeypatch.setattr(Scheduler, "schedule", schedule)
-    monkeypatch.setattr(GPUModelRunner, "take_draft_token_ids", lambda self: takes.append(1) or original_take(self))
+    monkeypatch.setattr(Scheduler, "update_draft_token_ids",
+                        lambda self, drafts: updates.append(1) or original_update(self, drafts))
     llm = make_llm({"method": "sdsat", "num_speculative_tokens": 4,
                     "num_speculative_tokens_per_batch_size": [(1, 8, 4), (9, 64, 0)]},
                    async_scheduling=async_scheduling)
+    executor, calls = llm.llm_engine.engine_core.engine_core.model_executor, []
+    take, sample = executor.take_draft_token_ids, executor.sample_tokens
+    executor.take_draft_token_ids = lambda: calls.append("take") or take()
+    executor.sample_tokens = lambda *args, **kwargs: calls.append("sample") or sample(*args, **kwargs)
     lengths = [8 * (i + 1) for i in range(len(PROMPTS))]
     outs = llm.generate(PROMPTS, [SamplingParams(max_tokens=n, temperature=0) for n in lengths], use_tqdm=False)
-    del llm
+    del llm, executor, take, sample
     gc.collect()
     # Drafts verified in a step were made in the step before it, for that step's batch.
     verified_after_large = [v for (before, _, _), (_, v, _) in zip(steps, steps[1:]) if before > 8]
     assert verified_after_large and not any(verified_after_large)
     assert any(v for _, v, _ in steps), "no step verified drafts"
-    if not async_scheduling:  # the engine core asks for drafts only after steps that made some
-        assert len(takes) == sum(width > 0 for _, _, width in steps) > 0
+    if not async_scheduling:  # drafts reach the scheduler after the steps that made some, with their output
+        assert len(updates) == sum(width > 0 for _, _, width in steps) > 0
+        assert not calls
     mismatched = [i for i, o in enumerate(outs)
                   if list(o.outputs[0].token_ids) != list(plain_greedy[0][i][:lengths[i]])]
     assert not mismatched, f"prompts {mismatched} differ from decoding without speculation"
+
+
+def test_structured_output_request_with_synchronous_sdsat(monkeypatch):
+    """A step with a grammar keeps vLLM's separate sample_tokens call (the engine core computes the bitmask
+    while the workers run the forward); the steps after it are one call (patches/one_call_steps.py).
+    Outputs, constrained and not, equal plain decoding's."""
+    import re
+
+    from vllm.sampling_params import StructuredOutputsParams
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    pattern = r"    [a-z_]+ = [0-9]+\n"
+    params = [SamplingParams(max_tokens=12, temperature=0, structured_outputs=StructuredOutputsParams(regex=pattern)),
+              SamplingParams(max_tokens=48, temperature=0)]
+    outputs, calls = {}, []
+    for spec in (None, {"method": "sdsat", "num_speculative_tokens": 4}):
+        llm = make_llm(spec, async_scheduling=False)
+        executor = llm.llm_engine.engine_core.engine_core.model_executor
+        sample = executor.sample_tokens
+        executor.sample_tokens = lambda *args, **kwargs: calls.append(spec is not None) or sample(*args, **kwargs)
+        outs = llm.generate(PROMPTS[:2], params, use_tqdm=False)
+        del llm, executor, sample
+        gc.collect()
+        outputs[spec is None] = [list(o.outputs[0].token_ids) for o in outs]
+        assert re.fullmatch(pattern, outs[0].outputs[0].text), outs[0].outputs[0].text
+    assert outputs[True] == outputs[False]
+    assert any(calls), "no step of the SDSAT engine waited for a grammar bitmask"
 
 
 # A docstring opener: the model is unsure what comes next, and its adaptive slots often draft tokens

@@ -26,6 +26,7 @@ import os
 import time
 from pathlib import Path
 
+from vllm_sdsat.bench.methods import NGRAM_LOOKUP
 from vllm_sdsat.paths import EMBEDDED_MODEL, REPO
 
 # Stacking order (bottom to top) and legend of the plot.
@@ -49,7 +50,6 @@ SCOPE_PREFIX = "gpu_model_runner: "
 HANDLERS = ("execute_model", "sample_tokens", "take_draft_token_ids")
 MODEL_EVENTS = ("model", "compute_logits")  # nested in "draft": the drafter's model compute
 DEFAULT_METHODS = "none,ngram:1,ngram:7,sdsat:7"
-NGRAM_LOOKUP = {"prompt_lookup_min": 2, "prompt_lookup_max": 4}
 
 _EVENTS: list[tuple] = []  # in the worker process: (name, start_ns, end_ns, info or None)
 

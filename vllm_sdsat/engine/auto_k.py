@@ -11,8 +11,10 @@ learnt of greedy batches says little about sampled ones, so each regime learns i
    requests costs what the class's recent plain steps cost, fitted as a + b * n). The class runs the
    mode of highest S, plain decoding's being 1. Every other mode is now and then probed for a few
    steps, spaced so that a probe's expected loss stays under 1% of the class's time. The modes are
-   plain and drafting, and in hybrid engines (`lookup: "ngram"`) also lookup drafts alone, where rows
-   whose text repeats take a lookup draft and the rest none, with no draft pass.
+   plain and drafting (adaptive drafts), and in hybrid engines (`lookup: "ngram"`) two more: lookup
+   drafts alone, where rows whose text repeats take a lookup draft and the rest none, with no draft
+   pass; and hybrid, where those rows take the lookup draft and the rest adaptive drafts. Hybrid pays
+   where repeats are accepted (greedy), drafting where they are not (T = 1.0: 0.03-0.05 per token).
 2. *How many drafts per request?* By a model. While drafting:
 
        tokens of request r with k drafts      E_r(k) = 1 + sum_{j<=k} prod_{i<=j} p_r(i)
@@ -31,10 +33,9 @@ where that lost 10%, plain at batch 1 greedy on half the steps): a step's fixed 
 additive (a step that verifies and drafts pays vLLM's speculative path once), and its acceptance
 estimates are noisy where the margin is thin. A measured speedup needs no model of either.
 
-Costs, per step: a few dict and float operations while not drafting, plus a 4 x 4 solve every 32 steps;
-O(requests x K^2) numpy work every few steps while drafting. In the engine a plain step's plan took about
-81 microseconds before the plain path left numpy (15 in a loop of its own: after a forward the caches
-are cold), and 39 since (`StepCost` queues its steps; plans are lists).
+Costs, per step: a few dict and float operations while not drafting (a plain step's plan takes about 39
+microseconds in the engine), a 4 x 4 solve every 32 steps, O(requests x K^2) numpy work every few steps
+while drafting.
 """
 from __future__ import annotations
 
@@ -224,7 +225,7 @@ def best_drafting_plan(expected: np.ndarray, cost: tuple[float, float, float], b
     return best_k, float(best_rate)
 
 
-PLAIN, LOOKUP, DRAFTING = "plain", "lookup", "drafting"  # modes of a step (LOOKUP: hybrid engines only)
+PLAIN, LOOKUP, HYBRID, DRAFTING = "plain", "lookup", "hybrid", "drafting"  # LOOKUP, HYBRID: hybrid engines
 
 
 class SizeClass:
@@ -302,13 +303,13 @@ class SizeClass:
 
 
 class AutoK:
-    """The scheduler's controller: acceptance and step times in, drafts per request out. With
-    `lookup` (hybrid drafting) a third mode competes: lookup drafts alone, no draft pass
-    (`lookup_only` after `plan`, for the workers)."""
+    """The scheduler's controller: acceptance and step times in, drafts per request out. With `lookup`
+    (hybrid drafting) LOOKUP and HYBRID compete too (`lookup_only`, `takes_lookup` after `plan`)."""
 
     def __init__(self, k_max: int, lookup: bool = False, clock=time.perf_counter):
         self.k_max = k_max
-        self.modes = (LOOKUP, DRAFTING) if lookup else (DRAFTING,)
+        self.modes = (LOOKUP, HYBRID, DRAFTING) if lookup else (DRAFTING,)
+        self.warmup_mode = HYBRID if lookup else DRAFTING
         self.acceptance = Acceptance(k_max)
         self.classes: dict[tuple[int, bool], SizeClass] = {}
         self.clock = clock
@@ -331,6 +332,11 @@ class AutoK:
     def lookup_only(self) -> bool:
         """Whether the last plan's drafts are lookup drafts alone (rows without a match draft nothing)."""
         return self.mode == LOOKUP
+
+    @property
+    def takes_lookup(self) -> bool:
+        """Whether rows with a lookup match take it in the last plan's step."""
+        return self.mode in (LOOKUP, HYBRID)
 
     def observe_drafts(self, req_id: str, num_drafts: int, num_accepted: int, sampled: bool = False,
                        lookup: bool = False) -> None:
@@ -361,13 +367,13 @@ class AutoK:
             counts = []
         elif size.cost.steps < len(warmup):
             counts = [warmup[size.cost.steps]] * n
-            mode = DRAFTING if counts[0] else PLAIN
+            mode = self.warmup_mode if counts[0] else PLAIN
             expected = float(self.acceptance.expected_tokens(req_ids, sampled)[:, counts[0]].sum())
         else:
             mode = size.next_mode()
             if mode == LOOKUP:
                 counts = [self.k_max] * n  # rows with a lookup match take up to K; the rest none
-            elif mode == DRAFTING:
+            elif mode in (HYBRID, DRAFTING):
                 if (self.drafting_plan is None or self.drafting_plan[0] != req_ids
                         or self.decisions >= self.drafting_plan[1]):
                     tokens = self.acceptance.expected_tokens(req_ids, sampled)

@@ -286,8 +286,13 @@ def run(args: argparse.Namespace) -> Path:
     if resume not in (None, "last") and not Path(resume).is_dir():
         raise SdsatConfigError(f"sdsat: --resume: no checkpoint folder at {resume}")
     trainer, cfg = build_trainer(args)
-    trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
-    return save(trainer, args, cfg)
+    try:
+        trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
+        return save(trainer, args, cfg)
+    finally:  # ranks leave together, without a process group: one left to exit can abort a rank (gloo)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
 
 def key_value(text: str) -> tuple[str, object]:

@@ -21,20 +21,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from vllm_sdsat.bench.engine import QUIET_VLLM_ENV, humaneval_prompts, timed_generate  # noqa: E402
+from vllm_sdsat.bench.cli import load_prompts_file  # noqa: E402
 from vllm_sdsat.bench.runner import cell_workload  # noqa: E402
 
 
 def trace_size_classes(gains: dict) -> None:
     """Wrap `SizeClass.observe` to add each timed step to gains[(batch class, counted mode)] =
     [steps, ms, tokens made, plain-equivalent tokens]."""
-    from vllm_sdsat.engine import auto_k
+    from vllm_sdsat.engine import auto_k, step_cost
 
     observe = auto_k.SizeClass.observe
 
     def traced(self, requests, verified, drafted, verifying, mode, verified_mode, made, seconds):
         if self.plain.steps >= 2 and made is not None:  # None: not counted by automatic K either
             a, b, _ = self.plain.coefficients()
-            warm_up = self.cost.steps < auto_k.WARMUP_STEPS
+            warm_up = self.cost.steps < step_cost.WARMUP_STEPS
             counted = (verified_mode if verifying else mode) + (" (warm-up)" if warm_up else "")
             row = gains[(requests.bit_length(), counted)]
             row[0] += 1
@@ -46,6 +47,21 @@ def trace_size_classes(gains: dict) -> None:
     auto_k.SizeClass.observe = traced
 
 
+def trace_drafts(drafts: collections.Counter) -> None:
+    """Wrap `AutoK.plan` to count how many drafts it gives each request in steps that draft."""
+    from vllm_sdsat.engine import auto_k
+
+    plan = auto_k.AutoK.plan
+
+    def traced(self, *args, **kwargs):
+        counts = plan(self, *args, **kwargs)
+        if self.mode in (auto_k.HYBRID, auto_k.DRAFTING):
+            drafts.update(counts)
+        return counts
+
+    auto_k.AutoK.plan = traced
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(ROOT / "examples" / "models" / "sdsat-tiny-code"))
@@ -53,6 +69,7 @@ def main() -> None:
     p.add_argument("--temperatures", default="0,1.0")
     p.add_argument("--batch-sizes", default="1,16,64")
     p.add_argument("--prompts", type=int, default=32)
+    p.add_argument("--prompts-file", help="a JSON list of prompts instead of HumanEval's (as the bench's)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--concurrent", action="store_true", help="batch size = requests in flight (bench --concurrent)")
@@ -62,10 +79,13 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     gains = collections.defaultdict(lambda: [0, 0.0, 0.0, 0.0])
+    drafts = collections.Counter()
     trace_size_classes(gains)
+    trace_drafts(drafts)
     llm = LLM(model=opts.model, speculative_config=json.loads(opts.speculative_config), dtype="bfloat16",
               max_model_len=2048, seed=0, enable_prefix_caching=False)
-    prompts = humaneval_prompts(opts.prompts)
+    prompts = (load_prompts_file(opts.prompts_file)[:opts.prompts] if opts.prompts_file
+               else humaneval_prompts(opts.prompts))
     for temperature in map(float, opts.temperatures.split(",")):
         for batch in map(int, opts.batch_sizes.split(",")):
             sampling = dict(temperature=temperature, top_p=0.95 if temperature else 1.0)
@@ -73,11 +93,16 @@ def main() -> None:
             llm.generate(requests[:batch], SamplingParams(max_tokens=8, temperature=temperature), use_tqdm=False)
             for repeat in range(opts.repeats):
                 gains.clear()
+                drafts.clear()
                 outputs, tokens_per_s, _ = timed_generate(llm, requests, params, batch, concurrent=opts.concurrent)
                 tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
                 net = sum(made - plain for (_, mode), (_, _, made, plain) in gains.items() if not mode.startswith("plain"))
                 print(f"T={temperature} batch {batch} repeat {repeat}: {tokens_per_s:.0f} tokens/s; "
                       f"{net:+.0f} tokens against plain steps, of {tokens}")
+                if drafts:
+                    total = sum(drafts.values())
+                    print("    drafts per request in drafting steps: "
+                          + ", ".join(f"{k}: {n / total:.0%}" for k, n in sorted(drafts.items())))
                 for (size_class, mode), (steps, ms, made, plain) in sorted(gains.items()):
                     if not mode.startswith("plain"):
                         print(f"    {2 ** (size_class - 1)}-{2 ** size_class - 1} requests, {mode}: {steps} steps, "

@@ -29,7 +29,8 @@ def write_markdown(results: dict) -> str:
     meta, runs = results.get("meta", {}), results.get("runs", [])
     out = []
     if meta:
-        out.append(f"Model `{meta.get('model')}`, {meta.get('prompts')} HumanEval prompts, {meta.get('max_tokens')} "
+        workload = "HumanEval prompts" if meta.get("workload", "HumanEval").startswith("HumanEval") else meta["workload"]
+        out.append(f"Model `{meta.get('model')}`, {meta.get('prompts')} {workload}, {meta.get('max_tokens')} "
                    f"new tokens, {meta.get('dtype')}, {meta.get('repeats')} repeat(s) per cell; "
                    f"machine: {meta.get('machine')}.")
         if meta.get("command"):

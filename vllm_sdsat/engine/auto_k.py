@@ -25,8 +25,8 @@ learnt of greedy batches says little about sampled ones, so each regime learns i
    smoothed towards the rate of all requests of its kind (greedy or sampling) at i (a new request takes
    theirs; that rate is smoothed towards the one at i - 1, so positions no longer drafted are tried
    again), so a T = 1.0 request and a greedy one in the same batch get different k. It counts adaptive
-   drafts only: in hybrid engines a row with a lookup match takes its lookup draft (up to K) whatever k_r
-   is, so k_r prices the adaptive draft. T is a least-squares fit over recent steps, timed by the
+   drafts only: in hybrid engines a row with k_r > 0 and a lookup match takes its lookup draft (up to K)
+   instead, so k_r prices the adaptive draft. T is a least-squares fit over recent steps, timed by the
    scheduler's own clock. The draft pass is as wide as the largest k_r, and requests with k_r = 0 skip it.
 
 The model alone once decided question 1 too, and in vLLM it was wrong both ways (drafting at batch 16

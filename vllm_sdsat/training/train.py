@@ -286,13 +286,12 @@ def run(args: argparse.Namespace) -> Path:
     if resume not in (None, "last") and not Path(resume).is_dir():
         raise SdsatConfigError(f"sdsat: --resume: no checkpoint folder at {resume}")
     trainer, cfg = build_trainer(args)
-    try:
-        trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
-        return save(trainer, args, cfg)
-    finally:  # ranks leave together, without a process group: one left to exit can abort a rank (gloo)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
+    trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
+    out = save(trainer, args, cfg)
+    barrier()  # ranks leave together, without a process group: one left to exit can abort a rank (gloo)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return out
 
 
 def key_value(text: str) -> tuple[str, object]:
